@@ -1,0 +1,27 @@
+# One virtual environment, pinned to what CI uses (constraints-ci.txt); setup.cfg keeps ranges for users.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: setup sample test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg constraints-ci.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -c constraints-ci.txt torch==2.13.0
+	$(PIP) install -c constraints-ci.txt -e ".[test]"
+	touch $@
+
+# The main job: sample a grid of digits from the model shipped inside the package (no download).
+sample: setup
+	$(VENV)/bin/diffit sample --labels 3 1 4 --num-images-per-label 8 --output grid.png
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_transformer.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,171 @@
+"""NVIDIA's released DiffiT checkpoints (official key layout, SPEC.md §2) -> `DiffiTTransformer2DModel`.
+
+Everything is checked before anything is assigned: missing, unexpected and mis-shaped tensors are reported together
+in one `ValueError`, so a model is never half-loaded.
+"""
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+
+from .models.embeddings import get_2d_sincos_pos_embed, get_relative_position_index
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("ema", "state_dict", "model", "module")  # checked in this order: EMA weights win
+WRAPPER_PREFIXES = ("module.", "ema.", "model.")
+
+# official name -> diffusers name, for everything outside the per-block attention projections
+_RENAMES = [
+    (r"^x_embedder\.proj\.", "patch_embed."),
+    (r"^t_embedder\.mlp\.0\.", "condition_embed.timestep_embedder.linear_1."),
+    (r"^t_embedder\.mlp\.2\.", "condition_embed.timestep_embedder.linear_2."),
+    (r"^y_embedder\.embedding_table\.", "condition_embed.class_embedder."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"transformer_blocks.\1.attn.to_out."),
+    (r"^blocks\.(\d+)\.attn\.relative_position_bias_table$", r"transformer_blocks.\1.attn.relative_position_bias_table"),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer_blocks.\1.ff.net.0.proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer_blocks.\1.ff.net.2."),
+    (r"^final_layer\.linear\.", "proj_out."),
+]
+_QKV = re.compile(r"^blocks\.(\d+)\.attn\.(qkv|qkv_temb)\.(weight|bias)$")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a local file (`.safetensors` first; `.pt/.pth/.bin` via `torch.load(weights_only=True)`), or download
+    `owner/repo/filename` from the Hub, and strip common training wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        parts = str(path).split("/")
+        if len(parts) < 3 or str(path).startswith((".", "/")):
+            raise FileNotFoundError(f"No checkpoint file at {str(path)!r} (give a local file or 'owner/repo/filename').")
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    if path.suffix == ".safetensors":
+        state_dict = load_file(path)
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .safetensors, .pt, .pth, .bin or .ckpt.")
+    return unwrap_state_dict(state_dict)
+
+
+def unwrap_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Peel `{"ema": ...}` / `{"state_dict": ...}` containers and `module.` / `ema.` / `model.` key prefixes."""
+    for key in WRAPPER_KEYS:
+        if isinstance(state_dict.get(key), dict):
+            logger.info("Using the %r entry of the checkpoint.", key)
+            return unwrap_state_dict(state_dict[key])
+    state_dict = {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return unwrap_state_dict({k[len(prefix) :]: v for k, v in state_dict.items()})
+    return state_dict
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Read the whole `DiffiTTransformer2DModel` config off the tensor shapes of an official checkpoint."""
+    if any("adaLN_modulation" in k for k in state_dict):
+        raise ValueError(
+            "This is a DiT checkpoint (it has adaLN_modulation layers), not DiffiT: load it with diffusers' "
+            "DiTTransformer2DModel / DiTPipeline instead."
+        )
+    required = ["x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight", "blocks.0.attn.qkv.weight",
+                "blocks.0.attn.relative_position_bias_table", "blocks.0.mlp.fc1.weight"]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"Not an official DiffiT checkpoint: missing {missing} (found e.g. {sorted(state_dict)[:5]}).")
+
+    dim, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape
+    table_rows, heads = state_dict["blocks.0.attn.relative_position_bias_table"].shape
+    window = (math.isqrt(table_rows) + 1) // 2
+    if (2 * window - 1) ** 2 != table_rows:
+        raise ValueError(f"relative_position_bias_table has {table_rows} rows, which is not (2w-1)² for any window w.")
+    num_layers = len({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
+    labels = state_dict.get("y_embedder.embedding_table.weight")
+    return dict(
+        sample_size=window * patch_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        out_channels=state_dict["final_layer.linear.weight"].shape[0] // patch_size**2,
+        num_layers=num_layers,
+        num_attention_heads=heads,
+        attention_head_dim=dim // heads,
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        num_classes=0 if labels is None else labels.shape[0] - 1,
+        class_dropout_prob=0.0 if labels is None else 0.1,
+        frequency_embedding_size=state_dict["t_embedder.mlp.0.weight"].shape[1],
+    )
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rename official keys, split the stacked q/k/v projections, and verify (then drop) the derived tensors
+    `pos_embed` and `relative_position_index` against what the model derives itself."""
+    grid = config["sample_size"] // config["patch_size"]
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    derived = {"relative_position_index": get_relative_position_index(grid)}
+    converted, problems = {}, []
+    for key, tensor in state_dict.items():
+        if key == "pos_embed":
+            expected = get_2d_sincos_pos_embed(dim, grid)[None]
+            if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, atol=1e-4):
+                problems.append(f"pos_embed {tuple(tensor.shape)} is not the fixed sin-cos table of a {grid}x{grid} grid")
+            continue
+        if key.endswith("attn.relative_position_index"):
+            if not torch.equal(tensor.long(), derived["relative_position_index"]):
+                problems.append(f"{key} differs from the Swin index of a {grid}x{grid} window")
+            continue
+        match = _QKV.match(key)
+        if match:
+            block, kind, param = match.groups()
+            suffix = "_time" if kind == "qkv_temb" else ""
+            if tensor.shape[0] % 3:
+                problems.append(f"{key} {tuple(tensor.shape)}: first dim is not 3 stacked projections")
+                continue
+            for name, part in zip("qkv", tensor.chunk(3, dim=0)):
+                converted[f"transformer_blocks.{block}.attn.to_{name}{suffix}.{param}"] = part
+            continue
+        for pattern, replacement in _RENAMES:
+            new_key, hits = re.subn(pattern, replacement, key)
+            if hits:
+                converted[new_key] = tensor
+                break
+        else:
+            converted[f"<unexpected> {key}"] = tensor
+    if problems:
+        raise ValueError("The checkpoint's derived tensors do not match this model:\n  " + "\n  ".join(problems))
+    return converted
+
+
+def load_official_transformer(model_cls, path: str | os.PathLike, **config_overrides):
+    """Build `model_cls` from an official checkpoint; strict: one error lists every key that does not fit."""
+    dtype = config_overrides.pop("torch_dtype", None) or config_overrides.pop("dtype", None)
+    official = read_checkpoint(path)
+    config = {**infer_config(official), **config_overrides}
+    state_dict = convert_state_dict(official, config)
+
+    with init_empty_weights():
+        model = model_cls(**config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(k.removeprefix("<unexpected> ") for k in set(state_dict) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+        for k in set(expected) & set(state_dict)
+        if state_dict[k].shape != expected[k]
+    )
+    if missing or unexpected or mis_shaped:
+        report = [("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)]
+        raise ValueError(
+            f"Cannot load {os.fspath(path)!r} into {model_cls.__name__}({config}):\n"
+            + "\n".join(f"  {name} ({len(keys)}): {keys}" for name, keys in report if keys)
+        )
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, assign=True)
+    model.eval()
+    return model.to(dtype) if dtype is not None else model

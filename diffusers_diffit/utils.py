@@ -1,0 +1,42 @@
+"""Input checks shared by the DiffiT models: every bad input is a `ValueError` naming the argument."""
+
+import torch
+
+
+def check_timestep(timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
+    """A number, a 0-d/[1] tensor or a [batch] tensor -> [batch] tensor on `device`."""
+    timestep = torch.as_tensor(timestep, device=device)
+    if timestep.ndim == 0 or timestep.shape == (1,):
+        return timestep.reshape(1).expand(batch)
+    if timestep.shape != (batch,):
+        raise ValueError(
+            f"`timestep` must be a number or have shape ({batch},) to match the batch, got shape {tuple(timestep.shape)}."
+        )
+    return timestep
+
+
+def check_class_labels(
+    class_labels: torch.Tensor | int | list[int] | None, batch: int, num_classes: int, device: torch.device
+) -> torch.Tensor | None:
+    """Labels -> int64 [batch] in [0, num_classes] (num_classes = the null class), or None for unconditional."""
+    if class_labels is None:
+        return None
+    if num_classes == 0:
+        raise ValueError("`class_labels` were given but this model is unconditional (num_classes=0); pass None.")
+    class_labels = torch.as_tensor(class_labels, device=device)
+    if class_labels.is_floating_point() or class_labels.is_complex():
+        raise ValueError(f"`class_labels` must be integers, got dtype {class_labels.dtype}.")
+    class_labels = class_labels.long()
+    if class_labels.ndim == 0 or class_labels.shape == (1,):
+        class_labels = class_labels.reshape(1).expand(batch)
+    if class_labels.shape != (batch,):
+        raise ValueError(
+            f"`class_labels` must have shape ({batch},) to match the batch, got shape {tuple(class_labels.shape)}."
+        )
+    if not torch.compiler.is_compiling():
+        low, high = int(class_labels.min()), int(class_labels.max())
+        if low < 0 or high > num_classes:
+            raise ValueError(
+                f"`class_labels` must lie in [0, {num_classes}] ({num_classes} = null class), got values in [{low}, {high}]."
+            )
+    return class_labels
