@@ -1,0 +1,303 @@
+"""DiffiTTransformer2DModel: parity with an independent official-layout reference, loading, processors, errors."""
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from diffusers.models.embeddings import Timesteps
+from safetensors.torch import save_file
+
+from diffusers_diffit import DIFFIT_CONFIGS, DiffiTAttnProcessor, DiffiTTransformer2DModel
+from diffusers_diffit.models.attention import BIAS_CAPABLE_BACKENDS
+from tests.reference_diffit import ReferenceDiffiT, randomize_, timestep_embedding
+
+TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
+
+
+def tiny_model(**overrides) -> DiffiTTransformer2DModel:
+    config = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
+                  attention_head_dim=16, num_classes=10)
+    return DiffiTTransformer2DModel(**{**config, **overrides}).eval()
+
+
+def inputs(batch=3, size=16, classes=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=gen)
+    t = torch.tensor([0, 999, 437][:batch] + [5] * max(batch - 3, 0))
+    y = torch.tensor([classes, 0, 7][:batch] + [1] * max(batch - 3, 0))  # includes the null class
+    return x, t, y
+
+
+@pytest.fixture(autouse=True)
+def _restore_attention_backend():
+    """`set_attention_backend` also changes diffusers' process-wide default, which `reset_attention_backend` leaves."""
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = active
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return randomize_(ReferenceDiffiT(**TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def official_file(reference, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "diffit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------- parity
+def test_from_single_file_matches_reference(reference, official_file):
+    model = DiffiTTransformer2DModel.from_single_file(official_file)
+    assert (model.config.num_layers, model.config.num_attention_heads, model.config.mlp_ratio) == (3, 4, 4.0)
+    assert (model.config.sample_size, model.config.attention_head_dim, model.config.num_classes) == (16, 16, 10)
+    assert not model.training
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = reference(x, t, y)
+        actual = model(x, t, y).sample
+    assert actual.shape == (3, 8, 16, 16)
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+def test_pt_wrappers_and_missing_index(reference, tmp_path):
+    no_index = randomize_(ReferenceDiffiT(**TINY, with_index=False)).eval()
+    assert not any("relative_position_index" in k for k in no_index.state_dict())
+    x, t, y = inputs()
+    for i, wrap in enumerate([
+        lambda sd: {"ema": sd, "opt": {"lr": torch.tensor(1.0)}},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        lambda sd: {f"ema.{k}": v for k, v in sd.items()},
+    ]):
+        path = tmp_path / f"ckpt{i}.pt"
+        torch.save(wrap(no_index.state_dict()), path)
+        model = DiffiTTransformer2DModel.from_single_file(path)
+        with torch.no_grad():
+            assert torch.allclose(model(x, t, y).sample, no_index(x, t, y), atol=1e-5)
+
+
+def test_from_single_file_dtype_and_overrides(official_file):
+    model = DiffiTTransformer2DModel.from_single_file(official_file, torch_dtype=torch.bfloat16, class_dropout_prob=0.0)
+    assert model.dtype == torch.bfloat16 and model.config.class_dropout_prob == 0.0
+
+
+def test_loading_errors_list_everything_and_name_dit(reference, tmp_path):
+    sd = {k: v.clone() for k, v in reference.state_dict().items()}
+    sd.pop("blocks.1.mlp.fc2.bias")
+    sd["blocks.0.attn.extra"] = torch.zeros(3)
+    sd["final_layer.linear.bias"] = torch.zeros(31)
+    save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError) as err:
+        DiffiTTransformer2DModel.from_single_file(tmp_path / "bad.safetensors")
+    message = str(err.value)
+    assert "transformer_blocks.1.ff.net.2.bias" in message and "blocks.0.attn.extra" in message
+    assert "proj_out.bias" in message and "mis-shaped" in message
+
+    sd = {k: v.clone() for k, v in reference.state_dict().items()}
+    sd["blocks.2.attn.relative_position_index"] = sd["blocks.2.attn.relative_position_index"].flip(0)
+    save_file(sd, tmp_path / "bad_index.safetensors")
+    with pytest.raises(ValueError, match="relative_position_index"):
+        DiffiTTransformer2DModel.from_single_file(tmp_path / "bad_index.safetensors")
+
+    dit = {"x_embedder.proj.weight": torch.zeros(8, 4, 2, 2), "blocks.0.adaLN_modulation.1.weight": torch.zeros(48, 8)}
+    save_file(dit, tmp_path / "dit.safetensors")
+    with pytest.raises(ValueError, match="DiT checkpoint"):
+        DiffiTTransformer2DModel.from_single_file(tmp_path / "dit.safetensors")
+    with pytest.raises(FileNotFoundError):
+        DiffiTTransformer2DModel.from_single_file(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("name, expected", [("DiffiT-XL/2-256", 561_035_232), ("DiffiT-XL/2-512", 562_382_816)])
+def test_released_parameter_counts_on_meta(name, expected):
+    with init_empty_weights():
+        model = DiffiTTransformer2DModel(**DIFFIT_CONFIGS[name])
+    assert next(model.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    frozen = model.pos_embed.numel()
+    assert frozen == (model.config.sample_size // 2) ** 2 * 1152
+
+
+def test_timestep_embedding_avoids_the_downscale_freq_shift_trap():
+    t = torch.tensor([0.0, 1.0, 250.0, 999.0])
+    ours = tiny_model().condition_embed.time_proj(t)
+    assert torch.allclose(ours, timestep_embedding(t), atol=1e-5)
+    dit_style = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)(t)
+    assert (dit_style - timestep_embedding(t)).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------- processors etc.
+def _run(model, x, t, y):
+    with torch.no_grad():
+        return model(x, t, y).sample
+
+
+def test_fused_and_unfused_projections_agree():
+    model = tiny_model()
+    x, t, y = inputs()
+    expected = _run(model, x, t, y)
+    model.fuse_qkv_projections()
+    attn = model.transformer_blocks[0].attn
+    assert attn.fused_projections and attn.to_qkv.out_features == 3 * 64 and attn.to_qkv_time.out_features == 3 * 64
+    assert torch.allclose(_run(model, x, t, y), expected, atol=1e-5)
+    model.unfuse_qkv_projections()
+    assert not hasattr(attn, "to_qkv") and not hasattr(attn, "to_qkv_time")
+    assert torch.equal(_run(model, x, t, y), expected)
+
+
+CUDA_ONLY_BACKENDS = {"_native_cudnn", "_native_efficient", "xformers"}
+CPU_BACKENDS = [b.value for b in BIAS_CAPABLE_BACKENDS if b.value not in CUDA_ONLY_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_backends_match_default(backend):
+    model = tiny_model()
+    x, t, y = inputs()
+    expected = _run(model, x, t, y)
+    model.set_attention_backend(backend)
+    assert all(p._attention_backend.value == backend for p in model.attn_processors.values())
+    assert torch.allclose(_run(model, x, t, y), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["_native_flash", "flash", "sage"])
+def test_backends_without_additive_bias_are_refused(backend):
+    model = tiny_model()
+    for processor in model.attn_processors.values():
+        processor._attention_backend = backend  # set directly: set_attention_backend would need the package
+    with pytest.raises(ValueError, match="relative-position bias.*'native'"):
+        _run(model, *inputs())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", sorted(CUDA_ONLY_BACKENDS))
+def test_cuda_backends_match_native(backend):
+    if backend == "xformers":
+        pytest.importorskip("xformers")
+    model = tiny_model().cuda().half()
+    x, t, y = (v.cuda() for v in inputs())
+    expected = _run(model, x.half(), t, y)
+    model.set_attention_backend(backend)
+    assert torch.allclose(_run(model, x.half(), t, y), expected, atol=2e-2)
+
+
+def test_set_attn_processor_swaps_every_block():
+    model = tiny_model()
+    processors = model.attn_processors
+    assert len(processors) == 2 and all(isinstance(p, DiffiTAttnProcessor) for p in processors.values())
+    calls = []
+
+    class Recording(DiffiTAttnProcessor):
+        def __call__(self, attn, hidden_states, temb):
+            calls.append(hidden_states.shape)
+            return super().__call__(attn, hidden_states, temb)
+
+    x, t, y = inputs()
+    expected = _run(model, x, t, y)
+    model.set_attn_processor(Recording())
+    assert torch.equal(_run(model, x, t, y), expected) and len(calls) == 2
+
+
+def test_batch_equals_single_samples_and_bias_is_shared():
+    model = tiny_model()
+    x, t, y = inputs(batch=3)
+    batched = _run(model, x, t, y)
+    singles = torch.cat([_run(model, x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(3)])
+    assert torch.allclose(batched, singles, atol=1e-5)
+    assert model.transformer_blocks[0].attn.relative_position_bias().shape == (1, 4, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------- conditioning rules
+def test_null_class_unconditional_and_label_dropout():
+    model = tiny_model(class_dropout_prob=1.0)
+    x, t, _ = inputs()
+    null = torch.full((3,), 10)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, None).sample, model(x, t, null).sample)
+        labelled = model(x, t, torch.tensor([1, 2, 3])).sample
+        assert not torch.allclose(labelled, model(x, t, null).sample)  # eval mode: labels are never dropped
+        model.train()
+        assert torch.allclose(model(x, t, torch.tensor([1, 2, 3])).sample, model(x, t, null).sample)
+
+
+def test_unconditional_model():
+    model = tiny_model(num_classes=0)
+    assert model.condition_embed.class_embedder is None
+    x, t, _ = inputs()
+    assert _run(model, x, t, None).shape == (3, 8, 16, 16)
+    with pytest.raises(ValueError, match="class_labels.*unconditional"):
+        _run(model, x, t, torch.zeros(3, dtype=torch.long))
+
+
+def test_scalar_timestep_broadcasts():
+    model = tiny_model()
+    x, _, y = inputs()
+    assert torch.equal(_run(model, x, 500, y), _run(model, x, torch.full((3,), 500), y))
+
+
+# ------------------------------------------------------------------------------------------------- save, grad, dtype
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model(num_layers=1)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = DiffiTTransformer2DModel.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(model.config)
+    x, t, y = inputs()
+    assert torch.equal(_run(loaded, x, t, y), _run(model, x, t, y))
+
+
+def test_gradient_checkpointing_is_equivalent():
+    model = tiny_model(class_dropout_prob=0.0).train()
+    x, t, y = inputs()
+
+    def grads():
+        model.zero_grad()
+        model(x, t, y).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-2), (torch.bfloat16, 1e-1)])
+def test_half_precision_runs_close_to_fp32(dtype, tol):
+    model = tiny_model()
+    x, t, y = inputs()
+    expected = _run(model, x, t, y)
+    model.to(dtype)
+    out = _run(model, x.to(dtype), t, y)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.float() - expected).abs().max() < tol * expected.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "x_shape, t, y, match",
+    [
+        ((2, 3, 16, 16), [1, 2], [0, 1], "hidden_states"),
+        ((2, 4, 15, 16), [1, 2], [0, 1], "divisible by patch_size"),
+        ((2, 4, 8, 8), [1, 2], [0, 1], "built for 16x16"),
+        ((2, 4, 16, 16), [1, 2], [0, 11], r"class_labels.*\[0, 10\]"),
+        ((2, 4, 16, 16), [1, 2], [-1, 3], r"class_labels.*\[0, 10\]"),
+        ((2, 4, 16, 16), [1, 2], [0.5, 1.0], "class_labels.*integers"),
+        ((2, 4, 16, 16), [1, 2, 3], [0, 1], "timestep"),
+        ((2, 4, 16, 16), [1, 2], [0, 1, 2], "class_labels.*shape"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_argument(x_shape, t, y, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        _run(model, torch.randn(x_shape), torch.tensor(t), torch.tensor(y))
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="sample_size"):
+        tiny_model(sample_size=15)
+    with pytest.raises(ValueError, match="num_classes"):
+        tiny_model(num_classes=-1)
+    with pytest.raises(ValueError, match="attention_kwargs"):
+        tiny_model()(*inputs(), attention_kwargs={"scale": 1.0})
