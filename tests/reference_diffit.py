@@ -2,6 +2,7 @@
 paper's equations. Its `state_dict()` has exactly the released key names, so tests and benchmarks use it both as a
 numerical reference and as a source of official-layout checkpoints. Nothing here imports diffusers_diffit."""
 
+import functools
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_d(dim // 2, mesh[0]), one_d(dim // 2, mesh[1])], axis=1)
 
 
+@functools.lru_cache
 def swin_index(w: int) -> torch.Tensor:
     """Relative-position index by explicit loops: ((Δrow + w-1)·(2w-1) + Δcol + w-1)."""
     n = w * w
@@ -71,7 +73,7 @@ class Attention(nn.Module):
         self.qkv_temb = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
-        self.register_buffer("relative_position_index", swin_index(window), persistent=with_index)
+        self.register_buffer("relative_position_index", swin_index(window).clone(), persistent=with_index)
 
     def forward(self, x, c):
         b, n, d = x.shape
