@@ -4,16 +4,22 @@ __version__ = "0.1.0"
 
 from .models import (
     DIFFIT_CONFIGS,
+    DIFFIT_UNET_CONFIGS,
     DiffiTAttention,
     DiffiTAttnProcessor,
     DiffiTTransformer2DModel,
     DiffiTTransformerBlock,
+    DiffiTUNet2DModel,
 )
+from .schedulers import EDMHeunScheduler
 
 __all__ = [
     "DIFFIT_CONFIGS",
+    "DIFFIT_UNET_CONFIGS",
     "DiffiTAttention",
     "DiffiTAttnProcessor",
     "DiffiTTransformer2DModel",
     "DiffiTTransformerBlock",
+    "DiffiTUNet2DModel",
+    "EDMHeunScheduler",
 ]
