@@ -1,0 +1,22 @@
+"""Pipelines shipped inside the package, so the package samples real images offline with no download.
+
+- "digits": a class-conditional `DiffiTUNet2DModel` (0.76 M parameters, 16×16, one channel) trained on
+  scikit-learn's digits with the EDM recipe by `examples/train_digits.py`; `EDMHeunScheduler`, 18 steps.
+
+    from diffusers_diffit import DiffiTPipeline, embedded_model_path
+    pipe = DiffiTPipeline.from_pretrained(embedded_model_path("digits"))
+"""
+
+from pathlib import Path
+
+EMBEDDED_MODELS = ("digits",)
+
+
+def embedded_model_path(name: str = "digits") -> str:
+    """The local folder of the shipped pipeline `name` (one of `EMBEDDED_MODELS`), for `from_pretrained`."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"`name` must be one of {EMBEDDED_MODELS}, got {name!r}.")
+    path = Path(__file__).parent / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"The embedded model {name!r} is missing from this installation ({path}).")
+    return str(path)
