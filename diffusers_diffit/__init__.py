@@ -11,6 +11,7 @@ from .models import (
     DiffiTTransformerBlock,
     DiffiTUNet2DModel,
 )
+from .embedded import embedded_model_path
 from .schedulers import EDMHeunScheduler
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "DiffiTTransformerBlock",
     "DiffiTUNet2DModel",
     "EDMHeunScheduler",
+    "embedded_model_path",
 ]
