@@ -12,16 +12,24 @@ from .models import (
     DiffiTUNet2DModel,
 )
 from .embedded import embedded_model_path
+from .guidance import GUIDANCE_SCHEDULES
+from .labels import imagenet_id2label
+from .pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
 from .schedulers import EDMHeunScheduler
 
 __all__ = [
     "DIFFIT_CONFIGS",
     "DIFFIT_UNET_CONFIGS",
+    "GUIDANCE_SCHEDULES",
+    "OFFICIAL_RECIPES",
     "DiffiTAttention",
     "DiffiTAttnProcessor",
+    "DiffiTPipeline",
     "DiffiTTransformer2DModel",
     "DiffiTTransformerBlock",
     "DiffiTUNet2DModel",
     "EDMHeunScheduler",
     "embedded_model_path",
+    "imagenet_id2label",
+    "official_scheduler",
 ]

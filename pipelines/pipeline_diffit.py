@@ -1,0 +1,393 @@
+"""DiffiTPipeline: class-conditional (or unconditional) sampling with any diffusers scheduler and DiffiT's guidance.
+
+Each step, with guidance on:   [x; x], labels [y; null] -> model -> (cond, uncond) -> guided ε (+ cond's variance)
+                               -> scheduler.step(..., generator) -> x
+Latent models (a VAE is registered) decode with `vae.decode(x / scaling_factor)`; pixel-space models (vae=None) output
+images in [-1, 1] directly. The official recipe (SPEC.md §3) is `OFFICIAL_RECIPES` + `official_scheduler()`.
+"""
+
+import inspect
+import logging
+import numbers
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..guidance import apply_guidance, check_guidance_recipe, guidance_weight, training_horizon
+from ..hub import HUB_DOWNLOAD_KWARGS, download_pipeline
+from ..labels import imagenet_id2label, lookup_label_ids, normalize_id2label
+
+logger = logging.getLogger(__name__)
+
+# What NVIDIA's FID numbers were measured with (SPEC.md §3), by image side in pixels.
+OFFICIAL_RECIPES = {
+    256: dict(num_inference_steps=250, guidance_scale=4.4, guidance_schedule="power-cosine", guidance_power=4.0,
+              guided_channels=3),
+    512: dict(num_inference_steps=250, guidance_scale=1.49, guidance_schedule="constant", guided_channels=3),
+}
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_LEARNED_VARIANCE = ("learned", "learned_range")
+
+
+def official_scheduler() -> DDPMScheduler:
+    """ADM's diffusion (1000 linear betas 1e-4 → 0.02, ε, learned-range variance, no clipping); with 250 inference
+    steps diffusers' linspace spacing gives the official respaced timesteps round(linspace(0, 999, 250))."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        variance_type="learned_range",
+        clip_sample=False,
+        prediction_type="epsilon",
+        timestep_spacing="linspace",
+    )
+
+
+class DiffiTPipeline(DiffusionPipeline):
+    r"""
+    Sampling for DiffiT denoisers: the latent `DiffiTTransformer2DModel` (with a VAE) or a pixel-space model
+    (`vae=None`), class-conditional or unconditional.
+
+    Args:
+        transformer: the denoiser, called as `transformer(x, t, class_labels=..., return_dict=False)[0]`; its config
+            gives `in_channels`, `out_channels` (2·in_channels = ε then the learned-variance interpolation v),
+            `sample_size` and `num_classes` (0 = unconditional; the null class is `num_classes`).
+        scheduler: any diffusers scheduler. The learned variance is passed on only to DDPM with
+            `variance_type="learned"/"learned_range"`; the other schedulers get ε alone.
+        vae: decodes latents; None for pixel-space models.
+        id2label: class id -> names (list of synonyms, or one comma-separated string). None with a 1000-class model
+            means the ImageNet-1k names shipped with the package.
+        num_inference_steps, guidance_scale, guidance_schedule, guidance_power, guided_channels, guidance_interval:
+            the default recipe of `__call__` (see there), saved with the pipeline. `OFFICIAL_RECIPES` holds
+            NVIDIA's.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: ModelMixin,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        id2label: dict | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        guidance_schedule: str = "constant",
+        guidance_power: float = 4.0,
+        guided_channels: int | None = None,
+        guidance_interval: tuple[float, float] | list[float] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        config = transformer.config
+        if id2label is not None:
+            id2label = normalize_id2label(id2label, num_classes=config.num_classes)
+        _check_steps(num_inference_steps)
+        recipe = check_guidance_recipe(
+            guidance_scale, guidance_schedule, guidance_power, guided_channels, guidance_interval, config.in_channels
+        )
+        self.register_to_config(id2label=id2label, num_inference_steps=num_inference_steps, **recipe)
+        self.vae_scale_factor = _vae_scale_factor(vae)
+        self._interrupt = False
+
+    @property
+    def id2label(self) -> dict[int, list[str]]:
+        """Class id -> names: the pipeline's own, else ImageNet-1k's for a 1000-class model, else empty."""
+        if self.config.id2label is not None:
+            return normalize_id2label(self.config.id2label)
+        return imagenet_id2label() if self.transformer.config.num_classes == 1000 else {}
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a step-end callback to stop after that step."""
+        return self._interrupt
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of names (case-insensitive, any synonym: "golden retriever" -> [207]); unknown or ambiguous
+        names raise `ValueError` with the closest matches."""
+        return lookup_label_ids(label, self.id2label)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffiTPipeline":
+        """`DiffusionPipeline.from_pretrained` for a local folder or a Hub id (fetched with `snapshot_download` first:
+        diffusers 0.42 does not download repos whose model_index.json names a third-party library)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_DOWNLOAD_KWARGS if k in kwargs}
+        folder = download_pipeline(pretrained_model_name_or_path, **hub_kwargs)
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        pretrained_model_link_or_path: str | os.PathLike,
+        vae: str | os.PathLike | AutoencoderKL = "stabilityai/sd-vae-ft-ema",
+        image_size: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> "DiffiTPipeline":
+        """A pipeline around one of NVIDIA's released checkpoints, with the official scheduler and the recipe of
+        its resolution (`OFFICIAL_RECIPES`) as defaults, and the ImageNet names for 1000-class models.
+
+        `image_size` (256 or 512) picks the recipe; by default it is the checkpoint's latent side × the VAE's
+        downsampling factor, and it must agree with it when that is an official resolution.
+        """
+        from ..models import DiffiTTransformer2DModel
+
+        transformer = DiffiTTransformer2DModel.from_single_file(pretrained_model_link_or_path, torch_dtype=torch_dtype)
+        if not isinstance(vae, AutoencoderKL):
+            vae = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+        vae_factor = _vae_scale_factor(vae)
+        native_size = transformer.config.sample_size * vae_factor
+        if image_size is None:
+            image_size = native_size
+        if image_size not in OFFICIAL_RECIPES:
+            raise ValueError(f"`image_size` must be one of {sorted(OFFICIAL_RECIPES)}, got {image_size}.")
+        if native_size != image_size:
+            if native_size in OFFICIAL_RECIPES:
+                raise ValueError(
+                    f"`image_size` {image_size} does not match the checkpoint, which makes {native_size}-px images "
+                    f"(latent side {transformer.config.sample_size} × VAE factor {vae_factor})."
+                )
+            logger.warning(
+                "The checkpoint makes %d-px images, not an official resolution; using the %d-px recipe.",
+                native_size,
+                image_size,
+            )
+        id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
+        return cls(transformer, official_scheduler(), vae=vae, id2label=id2label, **OFFICIAL_RECIPES[image_size])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
+        num_images_per_label: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        guidance_power: float | None = None,
+        guided_channels: int | None = None,
+        guidance_interval: tuple[float, float] | list[float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Args:
+            class_labels: class ids and/or names ("golden retriever", any synonym, case-insensitive), one or a list;
+                ids lie in [0, num_classes). None = unconditional (the null class of a class-conditional model).
+            num_images_per_label: images per entry of `class_labels` (the number of images when it is None).
+            num_inference_steps: scheduler steps.
+            guidance_scale: w; 1 = no guidance (one forward per step instead of two).
+            guidance_schedule: "constant" (w(t) = w) or "power-cosine"
+                (w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)), t the training timestep; discrete-time schedulers).
+            guidance_power: p of "power-cosine".
+            guided_channels: how many leading latent channels are guided (3 = the release); `in_channels` = all.
+            guidance_interval: (t_low, t_high) in the units of `scheduler.timesteps`: no guidance (and no
+                unconditional forward) at steps with t outside it. None = every step.
+            generator: one generator, or one per image.
+            latents: initial noise [batch, in_channels, sample_size, sample_size] (scaled by the scheduler's
+                `init_noise_sigma`, like freshly drawn noise).
+            output_type: "pil", "np" ([B, H, W, 3] in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) or "latent" (the raw
+                final sample).
+            return_dict: return an `ImagePipelineOutput` rather than a tuple.
+            callback_on_step_end: `f(pipe, step, t, callback_kwargs) -> dict` after every step (a tensor it returns
+                under "latents" replaces the latents), or a `PipelineCallback` / `MultiPipelineCallbacks`.
+            callback_on_step_end_tensor_inputs: tensors passed in `callback_kwargs` (from `_callback_tensor_inputs`).
+
+        Every recipe argument left as None takes the pipeline's config value (`pipe.config.guidance_scale`, ...).
+
+        Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_diffit import DiffiTPipeline
+
+        >>> pipe = DiffiTPipeline.from_pretrained("<converted DiffiT-256 repo>", dtype=torch.float16).to("cuda")
+        >>> image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # official recipe
+        ```
+        """
+        config = self.transformer.config
+        channels, side = config.in_channels, config.sample_size
+        cfg = self.config
+        num_inference_steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
+        _check_steps(num_inference_steps)
+        recipe = check_guidance_recipe(
+            cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            cfg.guidance_schedule if guidance_schedule is None else guidance_schedule,
+            cfg.guidance_power if guidance_power is None else guidance_power,
+            cfg.guided_channels if guided_channels is None else guided_channels,
+            cfg.guidance_interval if guidance_interval is None else guidance_interval,
+            channels,
+        )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be from {self._callback_tensor_inputs}, got {unknown}."
+            )
+        variance = self._variance_handling(config)
+        if recipe["guidance_scale"] != 1 and config.num_classes == 0:
+            raise ValueError(
+                f"`guidance_scale` is {recipe['guidance_scale']} but this model is unconditional "
+                "(num_classes=0); classifier-free guidance needs a class-conditional model (use 1)."
+            )
+
+        device = self._execution_device
+        labels = self._prepare_class_labels(class_labels, num_images_per_label, device)
+        batch = num_images_per_label if labels is None else len(labels)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"`generator` is a list of {len(generator)}; it must have one per image ({batch}).")
+        shape = (batch, channels, side, side)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"`latents` must have shape {shape} (batch, in_channels, side, side), got {tuple(latents.shape)}."
+            )
+        latents = latents.to(device=device, dtype=self.transformer.dtype) * self.scheduler.init_noise_sigma
+
+        guide = labels is not None and recipe["guidance_scale"] != 1
+        if labels is None and config.num_classes > 0:  # unconditional samples of a conditional model: nothing to guide
+            labels = torch.full((batch,), config.num_classes, device=device)
+        interval = recipe["guidance_interval"]
+        guided_channels = recipe["guided_channels"] or channels
+        horizon = None
+        if guide:
+            null = torch.full_like(labels, config.num_classes)
+            if recipe["guidance_schedule"] == "power-cosine":
+                horizon = training_horizon(self.scheduler)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        self._interrupt = False
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                break
+            model_input = self.scheduler.scale_model_input(latents, t)
+            guided = guide and (interval is None or interval[0] <= float(t) <= interval[1])
+            if guided:
+                model_input = torch.cat([model_input, model_input])
+            model_labels = torch.cat([labels, null]) if guided else labels
+            output = self.transformer(
+                model_input, t.expand(model_input.shape[0]), class_labels=model_labels, return_dict=False
+            )[0]
+            if guided:
+                weight = guidance_weight(
+                    float(t), recipe["guidance_scale"], recipe["guidance_schedule"], recipe["guidance_power"], horizon
+                )
+                output = apply_guidance(*output.chunk(2), weight, guided_channels)
+            if variance == "drop":
+                output = output[:, :channels]
+            latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+
+        images = latents if output_type == "latent" else self._postprocess(self._decode(latents), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _variance_handling(self, config) -> str:
+        """'keep' the learned variance for DDPM's ancestral step, 'drop' it for every other scheduler, or 'none'."""
+        learned = config.out_channels == 2 * config.in_channels
+        # `from_config` carries foreign keys along, so only a scheduler whose __init__ takes `variance_type` uses it
+        takes_variance_type = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
+        variance_type = self.scheduler.config.variance_type if takes_variance_type else None
+        ddpm = isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler))
+        if ddpm and variance_type in _LEARNED_VARIANCE:
+            if not learned:
+                raise ValueError(
+                    f"The scheduler has `variance_type={variance_type!r}` but the model predicts no variance "
+                    f"(out_channels={config.out_channels}, in_channels={config.in_channels}); use a fixed variance type."
+                )
+            return "keep"
+        if variance_type in _LEARNED_VARIANCE and config.in_channels != 3:
+            # diffusers' DPM-Solver / SA-Solver read a learned variance type as "keep output channels [:3]".
+            raise ValueError(
+                f"{type(self.scheduler).__name__} with `variance_type={variance_type!r}` keeps only the first 3 model "
+                f"output channels, which breaks this {config.in_channels}-channel model. Create it with "
+                f"`variance_type=None`, e.g. `{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, "
+                "variance_type=None)`; the pipeline drops the learned variance itself."
+            )
+        return "drop" if learned else "none"
+
+    def _prepare_class_labels(self, class_labels, num_images_per_label: int, device) -> torch.Tensor | None:
+        """Ids and names -> int64 [len · num_images_per_label] (each label repeated), or None (unconditional)."""
+        if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+            raise ValueError(f"`num_images_per_label` must be an int >= 1, got {num_images_per_label!r}.")
+        num_classes = self.transformer.config.num_classes
+        if class_labels is None:
+            return None
+        if num_classes == 0:
+            raise ValueError("`class_labels` were given but this model is unconditional (num_classes=0); pass None.")
+        if torch.is_tensor(class_labels):
+            if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.ndim > 1:
+                raise ValueError(
+                    f"`class_labels` as a tensor must be 0-d or 1-d integers, got {class_labels.dtype} "
+                    f"of shape {tuple(class_labels.shape)}."
+                )
+            class_labels = class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, (str, numbers.Integral)):
+            class_labels = [class_labels]
+        if not isinstance(class_labels, (list, tuple)) or not class_labels:
+            raise ValueError(f"`class_labels` must be an int, a str, or a non-empty list of them, got {class_labels!r}.")
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str):
+                ids.extend(self.get_label_ids(label))
+            elif isinstance(label, numbers.Integral) and not isinstance(label, bool):
+                if not 0 <= label < num_classes:
+                    raise ValueError(f"Class id {label} in `class_labels` is outside [0, {num_classes}).")
+                ids.append(int(label))
+            else:
+                raise ValueError(f"`class_labels` entries must be ints or strings, got {label!r}.")
+        return torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final sample -> images in [-1, 1] (identity for pixel-space models)."""
+        if self.vae is None:
+            return latents
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        if getattr(self.vae.config, "shift_factor", None) is not None:
+            latents = latents + self.vae.config.shift_factor
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    @staticmethod
+    def _postprocess(images: torch.Tensor, output_type: str):
+        """[B, 3, H, W] in [-1, 1] -> "pt" / "np" in [0, 1], or PIL via clamp((x + 1)·127.5) truncated to uint8 (the
+        official conversion)."""
+        if output_type == "pil":
+            pixels = ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            return [PIL.Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]  # 1 channel -> "L"
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        return images if output_type == "pt" else images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _vae_scale_factor(vae: AutoencoderKL | None) -> int:
+    """Image side / latent side (1 in pixel space)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _check_steps(num_inference_steps) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
