@@ -29,7 +29,8 @@ from diffusers import (
 from diffusers.schedulers import scheduling_ddpm
 
 from diffusers_diffit.guidance import guidance_weight
-from diffusers_diffit.models import DiffiTTransformer2DModel
+from diffusers_diffit.models import DiffiTTransformer2DModel, DiffiTUNet2DModel
+from diffusers_diffit.schedulers import EDMHeunScheduler
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
 
 # diffusers' Euler / LMS / KDPM2 schedulers meet numpy 2 with a deprecation warning per step (their side)
@@ -210,6 +211,29 @@ def test_edm_schedulers_run_in_pixel_space(scheduler_cls):
     raw = pipe(num_images_per_label=2, num_inference_steps=4, generator=gen(0), output_type="latent").images
     assert images.shape == (2, 3, 8, 8) and torch.isfinite(raw).all()
     torch.testing.assert_close(images, (raw / 2 + 0.5).clamp(0, 1))  # pixel space: no decoder, [-1, 1] -> [0, 1]
+
+
+@torch.no_grad()
+def test_image_space_unet_with_edm_heun(tmp_path):
+    """The package's own pixel-space pair: DiffiTUNet2DModel (1-channel, class-conditional) + EDMHeunScheduler."""
+    torch.manual_seed(0)
+    unet = DiffiTUNet2DModel(
+        sample_size=16, in_channels=1, block_out_channels=(16, 32), layers_per_block=1, window_size=4,
+        attention_head_dim=8, time_embedding_dim=24, frequency_embedding_size=16, num_classes=NUM_CLASSES,
+    ).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # its head starts at zero
+    pipe = make_pipe(unet, EDMHeunScheduler(), vae=None, guidance_scale=2.0, num_inference_steps=3)
+    calls = _count_forwards(pipe)
+    images = pipe([1, 2], generator=gen(0), output_type="pt").images
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    assert calls == [4] * 5  # Heun: 2N − 1 calls, each with the unconditional half
+    assert pipe(3, generator=gen(0)).images[0].mode == "L"
+    with pytest.raises(ValueError, match="needs a discrete-time scheduler.*EDMHeunScheduler"):
+        pipe(3, guidance_schedule="power-cosine")
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffiTPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.transformer, DiffiTUNet2DModel) and isinstance(loaded.scheduler, EDMHeunScheduler)
+    torch.testing.assert_close(loaded([1, 2], generator=gen(0), output_type="pt").images, images)
 
 
 @torch.no_grad()
