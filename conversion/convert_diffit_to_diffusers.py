@@ -1,0 +1,176 @@
+"""Convert one of NVIDIA's released DiffiT checkpoints into a complete diffusers pipeline folder with a model card, and
+optionally upload it to the Hub.
+
+    python conversion/convert_diffit_to_diffusers.py --checkpoint_path diffit_256.safetensors \\
+        --output_path DiffiT-XL-2-256 [--vae stabilityai/sd-vae-ft-ema] [--image_size 256] [--dtype fp32] \\
+        [--push_to_hub you/DiffiT-XL-2-256 [--private]] [--dry_run]
+
+The folder holds the transformer, the VAE, the official DDPM scheduler and a model_index.json with the ImageNet
+id2label and the resolution's sampling recipe as defaults. After writing, the folder is reloaded and its transformer
+checked against the checkpoint. `--dry_run` writes the folder but uploads nothing: it prints what would be uploaded.
+"""
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, push_to_hub
+from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline
+
+logger = logging.getLogger("convert_diffit_to_diffusers")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LICENSE = "cc-by-nc-sa-4.0"  # the weights' licence (share-alike): converted repos carry it
+TAGS = ["diffit", "diffusion-transformer", "class-conditional", "imagenet", "image-generation"]
+# NVIDIA's reported ImageNet FID-50K results with the official recipe (ADM evaluator), by image side.
+RECIPE_KEYS = ("id2label", "num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power",
+               "guided_channels", "guidance_interval")  # the pipeline's saved defaults
+REPORTED = {  # FID, sFID, IS, precision, recall
+    256: ("1.73", "4.54", "276.49", "0.802", "0.621"),
+    512: ("2.67", "4.99", "252.13", "0.828", "0.550"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", required=True, help="official checkpoint (.safetensors/.pt) or owner/repo/file")
+    parser.add_argument("--output_path", required=True, help="folder to write the pipeline to")
+    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL: Hub id or local folder")
+    parser.add_argument("--image_size", type=int, choices=sorted(OFFICIAL_RECIPES), default=None,
+                        help="resolution whose official recipe becomes the default (inferred from the checkpoint)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="upload the folder to this model repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--dry_run", action="store_true", help="with --push_to_hub: list the upload, send nothing")
+    args = parser.parse_args(argv)
+    if (args.private or args.dry_run) and args.push_to_hub is None:
+        parser.error("--private and --dry_run need --push_to_hub REPO_ID")
+    return args
+
+
+def model_description(pipe: DiffiTPipeline, image_size: int, repo_id: str, vae: str, dtype: str) -> str:
+    """The card text: what this is, how to use it, the recipe, NVIDIA's numbers, licence and citation."""
+    cfg, recipe = pipe.transformer.config, OFFICIAL_RECIPES[image_size]
+    schedule = (
+        f"power-cosine w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/1000)^{recipe['guidance_power']:g})), w = "
+        f"{recipe['guidance_scale']}" if recipe["guidance_schedule"] == "power-cosine"
+        else f"constant w = {recipe['guidance_scale']}"
+    )
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    numbers = " | ".join(REPORTED[image_size])
+    return f"""# DiffiT {image_size}×{image_size} (class-conditional ImageNet) — diffusers format
+
+NVIDIA's released latent DiffiT ([Hatamizadeh et al., ECCV 2024](https://arxiv.org/abs/2312.02139)), converted from
+[`nvidia/DiffiT`](https://huggingface.co/nvidia/DiffiT) to a diffusers pipeline with the `diffusers-diffit` package:
+`DiffiTTransformer2DModel` ({cfg.num_layers} blocks, width {cfg.num_attention_heads * cfg.attention_head_dim},
+{params:,} parameters, {dtype}), the VAE `{vae}` and the official DDPM scheduler.
+
+## Usage
+
+```python
+import torch
+from diffusers_diffit import DiffiTPipeline  # registers the DiffiT classes with diffusers
+
+pipe = DiffiTPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")
+image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # the official recipe below
+images = pipe([207, "tiger cat"], num_images_per_label=4).images  # ImageNet ids or names (any synonym)
+```
+
+Faster sampling with another scheduler (the learned variance is then dropped):
+
+```python
+from diffusers import DPMSolverMultistepScheduler
+
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, variance_type=None)
+image = pipe("golden retriever", num_inference_steps=25).images[0]
+```
+
+## Sampling recipe (the pipeline's defaults)
+
+- Ancestral DDPM, 1000 linear betas 1e-4 → 0.02 respaced to {recipe['num_inference_steps']} steps, learned-range
+  variance, no clipping.
+- Classifier-free guidance on the first {recipe['guided_channels']} of the 4 latent channels, {schedule}.
+- Latents decoded with `vae.decode(z / 0.18215)`.
+
+## Reported results (NVIDIA, ImageNet {image_size}, FID-50K with the recipe above)
+
+| FID | sFID | IS | Precision | Recall |
+|---|---|---|---|---|
+| {numbers} |
+
+These are the paper's numbers, not re-measured for this conversion.
+
+## License
+
+The weights are NVIDIA's, released under CC-BY-NC-SA-4.0 (non-commercial, share-alike); this converted copy carries
+the same licence.
+
+## Citation
+
+```bibtex
+{DIFFIT_CITATION}
+```
+"""
+
+
+def check_written_pipeline(output_path: str, pipe: DiffiTPipeline) -> None:
+    """Reload the folder; its transformer must equal the one read from the checkpoint, tensor for tensor and on a
+    forward pass, and the defaults must have survived."""
+    reloaded = DiffiTPipeline.from_pretrained(output_path, dtype=pipe.transformer.dtype)
+    expected, written = pipe.transformer.state_dict(), reloaded.transformer.state_dict()
+    bad = sorted(k for k in expected if k not in written or not torch.equal(expected[k], written[k]))
+    if bad or set(written) != set(expected):
+        raise RuntimeError(f"The written transformer differs from the checkpoint: {bad or set(written) ^ set(expected)}")
+    cfg = pipe.transformer.config
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator).to(pipe.transformer.dtype)
+    t, y = torch.tensor([999, 0]), torch.tensor([0, cfg.num_classes])
+    if not torch.equal(pipe.transformer(x, t, y, return_dict=False)[0], reloaded.transformer(x, t, y, return_dict=False)[0]):
+        raise RuntimeError("The written transformer's output differs from the checkpoint's.")
+    for key in RECIPE_KEYS:
+        if reloaded.config[key] != pipe.config[key]:
+            raise RuntimeError(f"model_index.json lost {key}: {reloaded.config[key]!r} != {pipe.config[key]!r}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dtype = DTYPES[args.dtype]
+
+    pipe = DiffiTPipeline.from_single_file(args.checkpoint_path, vae=args.vae, image_size=args.image_size,
+                                           torch_dtype=dtype)
+    image_size = args.image_size or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    pipe.save_pretrained(args.output_path)
+    check_written_pipeline(args.output_path, pipe)
+    logger.info("Wrote and verified %s", args.output_path)
+
+    upload = args.push_to_hub is not None and not args.dry_run
+    repo_id = args.push_to_hub or args.output_path
+    card = create_model_card(
+        args.push_to_hub if upload else args.output_path,  # a dry run reads no Hub card
+        model_description(pipe, image_size, repo_id, args.vae, args.dtype),
+        license=LICENSE,
+        base_model="nvidia/DiffiT",
+        tags=TAGS,
+    )
+    card.save(f"{args.output_path}/README.md")
+
+    if args.push_to_hub is not None:
+        plan = push_to_hub(
+            args.output_path,
+            args.push_to_hub,
+            commit_message=f"DiffiT {image_size}px converted to diffusers ({args.dtype})",
+            private=args.private or None,
+            dry_run=args.dry_run,
+        )
+        verb = "Would upload" if args.dry_run else "Uploaded"
+        print(f"{verb} to {plan.repo_id} with commit message {plan.commit_message!r}:")
+        print("\n".join(f"  {name}" for name in plan.files))
+        if plan.commit_url:
+            print(plan.commit_url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
