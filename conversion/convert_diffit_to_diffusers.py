@@ -92,7 +92,7 @@ image = pipe("golden retriever", num_inference_steps=25).images[0]
 - Ancestral DDPM, 1000 linear betas 1e-4 → 0.02 respaced to {recipe['num_inference_steps']} steps, learned-range
   variance, no clipping.
 - Classifier-free guidance on the first {recipe['guided_channels']} of the 4 latent channels, {schedule}.
-- Latents decoded with `vae.decode(z / 0.18215)`.
+- Latents decoded with `vae.decode(z / {pipe.vae.config.scaling_factor})`.
 
 ## Reported results (NVIDIA, ImageNet {image_size}, FID-50K with the recipe above)
 
