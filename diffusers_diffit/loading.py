@@ -145,7 +145,8 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: dict) -> dic
 
 def load_official_transformer(model_cls, path: str | os.PathLike, **config_overrides):
     """Build `model_cls` from an official checkpoint; strict: one error lists every key that does not fit."""
-    dtype = config_overrides.pop("torch_dtype", None) or config_overrides.pop("dtype", None)
+    torch_dtype = config_overrides.pop("torch_dtype", None)
+    dtype = config_overrides.pop("dtype", None) or torch_dtype or torch.float32
     official = read_checkpoint(path)
     config = {**infer_config(official), **config_overrides}
     state_dict = convert_state_dict(official, config)
@@ -166,6 +167,5 @@ def load_official_transformer(model_cls, path: str | os.PathLike, **config_overr
             f"Cannot load {os.fspath(path)!r} into {model_cls.__name__}({config}):\n"
             + "\n".join(f"  {name} ({len(keys)}): {keys}" for name, keys in report if keys)
         )
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, assign=True)
-    model.eval()
-    return model.to(dtype) if dtype is not None else model
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}, assign=True)
+    return model.eval()

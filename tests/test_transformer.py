@@ -81,6 +81,8 @@ def test_pt_wrappers_and_missing_index(reference, tmp_path):
 def test_from_single_file_dtype_and_overrides(official_file):
     model = DiffiTTransformer2DModel.from_single_file(official_file, torch_dtype=torch.bfloat16, class_dropout_prob=0.0)
     assert model.dtype == torch.bfloat16 and model.config.class_dropout_prob == 0.0
+    model = DiffiTTransformer2DModel.from_single_file(official_file, dtype=torch.float16)
+    assert model.dtype == torch.float16 and "dtype" not in model.config
 
 
 def test_loading_errors_list_everything_and_name_dit(reference, tmp_path):
