@@ -422,6 +422,27 @@ def preprocess_image(
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
+class _ImageFiles:
+    """index -> PIL image of a list of files (a picklable loader, for dataloader workers started with spawn)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __call__(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            return image.copy()
+
+
+class _HubImages:
+    """index -> PIL image of a 🤗 `datasets` column."""
+
+    def __init__(self, data, column: str):
+        self.data, self.column = data, column
+
+    def __call__(self, index: int) -> Image.Image:
+        return self.data[index][self.column]
+
+
 class ImageDataset(Dataset):
     """Images with integer labels, preprocessed by `preprocess_image`; horizontal flips and crop positions come from
     the key's augmentation seed (see `EpochSampler`). Items: {"pixel_values": [C, R, R], "class_labels": int}.
@@ -473,13 +494,7 @@ class ImageDataset(Dataset):
             classes, files = None, [(f, 0) for f in images_in(root)]
         if not files:
             raise ValueError(f"`train_data_dir` {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        paths = [f for f, _ in files]
-
-        def load_image(i: int) -> Image.Image:
-            with Image.open(paths[i]) as image:
-                return image.copy()
-
-        return cls(load_image, [label for _, label in files], classes, resolution, **kwargs)
+        return cls(_ImageFiles([f for f, _ in files]), [label for _, label in files], classes, resolution, **kwargs)
 
     @classmethod
     def from_hub(
@@ -506,7 +521,7 @@ class ImageDataset(Dataset):
             classes = list(feature.names) if hasattr(feature, "names") else [str(i) for i in sorted(set(labels))]
         else:
             labels, classes = [0] * len(data), None
-        return cls(lambda i: data[i][image_column], labels, classes, resolution, **kwargs)
+        return cls(_HubImages(data, image_column), labels, classes, resolution, **kwargs)
 
 
 def load_vae(name_or_path: str | os.PathLike) -> AutoencoderKL:
