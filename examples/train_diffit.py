@@ -295,6 +295,12 @@ def main(argv=None):
         raise ValueError("`--num_classes` > 0 needs a labelled dataset (one sub-folder / label per class).")
     if num_classes and num_classes < len(classes):
         raise ValueError(f"`--num_classes` {num_classes} is smaller than the dataset's {len(classes)} classes.")
+    if args.validation_steps:  # fail now, not at the first validation
+        bad = [y for y in args.validation_labels or [] if not 0 <= y < num_classes]
+        if bad:
+            raise ValueError(f"`--validation_labels` {bad} must be class ids in [0, {num_classes}).")
+        if not num_classes and args.validation_guidance_scale != 1:
+            raise ValueError("`--validation_guidance_scale` must be 1 for an unconditional model.")
     if pipe is not None:
         model = pipe.transformer
         class_map = default_class_map(classes, pretrained_id2label, config["num_classes"], num_classes)
