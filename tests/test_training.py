@@ -416,7 +416,8 @@ def test_image_space_unet_trains_with_edm_and_loads(work):
     out = work["root"] / "unet-run"
     run_in_process(train_diffit, ["--model_config_name_or_path", work["unet"], "--train_data_dir", work["gray"],
                                   "--output_dir", out, "--train_batch_size", 4, "--max_train_steps", 3,
-                                  "--checkpointing_steps", 3, "--report_to", "none", "--use_ema"])
+                                  "--checkpointing_steps", 3, "--report_to", "none", "--use_ema",
+                                  "--mixed_precision", "bf16", "--gradient_checkpointing"])
     pipe = DiffiTPipeline.from_pretrained(out)
     assert type(pipe.scheduler).__name__ == "EDMHeunScheduler" and pipe.vae is None
     assert pipe.transformer.config.num_classes == 2 and pipe.config.num_inference_steps == 18
@@ -430,7 +431,8 @@ def test_cached_latents_train_exactly_like_encoding_on_the_fly(work, tmp_path):
                                         "--output_dir", latents])
     common = ["--model_config_name_or_path", work["transformer"], "--train_batch_size", 4, "--max_train_steps", 3,
               "--checkpointing_steps", 100, "--report_to", "none", "--learning_rate", 1e-3]
-    run_in_process(train_diffit, [*common, "--latents_dir", latents, "--output_dir", tmp_path / "cached"])
+    run_in_process(train_diffit, [*common, "--latents_dir", latents, "--output_dir", tmp_path / "cached",
+                                  "--dataloader_num_workers", 2])  # workers reopen the shards; order is unchanged
     run_in_process(train_diffit, [*common, "--train_data_dir", work["rgb"], "--center_crop", "--vae", work["vae"],
                                   "--output_dir", tmp_path / "images"])
     cached = load_file(tmp_path / "cached" / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -501,6 +503,9 @@ def test_bad_arguments_fail_clearly(work, tmp_path):
         run_in_process(train_diffit, latent_args(work, tmp_path / "a", "--resolution", 32, "--max_train_steps", 1))
     with pytest.raises(ValueError, match="smaller than the dataset"):
         run_in_process(train_diffit, latent_args(work, tmp_path / "b", "--num_classes", 2, "--max_train_steps", 1))
+    with pytest.raises(ValueError, match="validation_labels"):
+        run_in_process(train_diffit, latent_args(work, tmp_path / "e", "--validation_steps", 1,
+                                                 "--validation_labels", 3))
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         run_in_process(train_diffit, latent_args(work, tmp_path / "c", "--max_train_steps", 1,
                                                  "--resume_from_checkpoint", tmp_path))
