@@ -54,7 +54,8 @@ def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, l
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """log P(x) elementwise for data on [-1, 1] quantised to 256 levels (bins of width 2/255), under
-    N(mean, e^(2·log_scale)); the outermost bins take the tails (DDPM's decoder, Ho et al. §3.3); probabilities are floored at 1e-12 (ADM).
+    N(mean, e^(2·log_scale)); the outermost bins take the tails (DDPM's decoder, Ho et al. §3.3); probabilities
+    are floored at 1e-12 (ADM).
 
     Computed from log-CDFs on the lower tail (a bin's mass equals its mirror image's), so float32 stays accurate
     many standard deviations from the mean, where differences of CDFs cancel to 0. ADM uses a tanh approximation
