@@ -1,5 +1,6 @@
 """EDM preconditioning / loss and EDMHeunScheduler against the EDM paper (Karras et al. 2022), written out here."""
 
+import json
 import math
 
 import pytest
@@ -194,6 +195,8 @@ def test_diffusers_edm_schedulers_share_the_model_convention(other, num_steps):
 def test_scheduler_config_round_trip(tmp_path):
     scheduler = EDMHeunScheduler(sigma_max=40.0, s_churn=5.0)
     scheduler.save_pretrained(tmp_path)
+    text = (tmp_path / "scheduler_config.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     loaded = EDMHeunScheduler.from_pretrained(tmp_path)
     assert loaded.config.sigma_max == 40.0 and loaded.config.s_churn == 5.0
 

@@ -48,6 +48,8 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         sigma_data: σ_d of the EDM preconditioning (0.5 for images in [-1, 1]).
         rho: ρ of the noise-level spacing (7).
         s_churn, s_tmin, s_tmax, s_noise: EDM Algorithm 2's stochasticity; `s_churn=0` is the deterministic sampler.
+            Churn applies where s_tmin <= t_i <= s_tmax; `s_tmax=None` means no upper bound (kept out of the
+            config as JSON has no infinity).
     """
 
     _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
@@ -62,7 +64,7 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         rho: float = 7.0,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
+        s_tmax: float | None = None,
         s_noise: float = 1.0,
     ):
         if not 0 < sigma_min < sigma_max:
@@ -106,7 +108,8 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         max_inv_rho, min_inv_rho = cfg.sigma_max ** (1 / cfg.rho), cfg.sigma_min ** (1 / cfg.rho)
         t = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** cfg.rho  # [N]
         gamma = min(cfg.s_churn / num_inference_steps, 2**0.5 - 1)
-        t_hat = torch.where((cfg.s_tmin <= t) & (t <= cfg.s_tmax), t * (1 + gamma), t)  # [N]
+        s_tmax = float("inf") if cfg.s_tmax is None else cfg.s_tmax
+        t_hat = torch.where((cfg.s_tmin <= t) & (t <= s_tmax), t * (1 + gamma), t)  # [N]
 
         self.noise_levels = torch.cat([t, t.new_zeros(1)]).float()  # [N + 1] t_0 … t_N = 0
         # call 2i evaluates D(x̂_i; t̂_i), call 2i + 1 evaluates D(x_{i+1}; t_{i+1}); there is none at t_N = 0.
