@@ -96,16 +96,16 @@ class HybridDiffusionLoss:
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self.num_train_timesteps = len(betas)
         self.vlb_weight = self.num_train_timesteps / 1000.0
-        # float64 tables, gathered then cast to float32 (as ADM does)
-        self.sqrt_recip_alphas_cumprod = torch.rsqrt(alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / alphas_cumprod - 1.0)
-        self.posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
-        self.posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
-        self.log_betas = torch.log(betas)
+        # computed in float64, stored in float32 (ADM gathers from float64 and casts: the same numbers)
+        self.sqrt_recip_alphas_cumprod = torch.rsqrt(alphas_cumprod).float()
+        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / alphas_cumprod - 1.0).float()
+        self.posterior_mean_coef1 = (betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)).float()
+        self.posterior_mean_coef2 = ((1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)).float()
+        self.posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])).float()
+        self.log_betas = torch.log(betas).float()
 
-    def _gather(self, table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # -> [B, 1, 1, 1] float32
-        return table.to(timesteps.device)[timesteps].float().view(-1, 1, 1, 1)
+    def _gather(self, table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # -> [B, 1, 1, 1]
+        return table.to(timesteps.device)[timesteps].view(-1, 1, 1, 1)
 
     def posterior_mean(self, x_start: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Mean of q(x_{t−1} | x_t, x_0)."""
