@@ -185,9 +185,13 @@ def default_recipe(model_cls: type, config: dict) -> tuple:
 
 
 def model_card_text(args, model_cls, num_items, num_classes, steps, total_batch) -> str:
-    origin = (f"fine-tuned from [{args.pretrained_model_name_or_path}]"
-              f"(https://huggingface.co/{args.pretrained_model_name_or_path})"
-              if args.pretrained_model_name_or_path else "trained from scratch")
+    base = args.pretrained_model_name_or_path
+    if base is None:
+        origin = "trained from scratch"
+    elif Path(base).is_dir():
+        origin = f"fine-tuned from the pipeline in `{base}`"
+    else:
+        origin = f"fine-tuned from [{base}](https://huggingface.co/{base})"
     data = args.train_data_dir or args.dataset_name or f"latents in {args.latents_dir}"
     objective = ("the EDM loss and preconditioning" if model_cls is DiffiTUNet2DModel
                  else "ε-MSE + the variational-bound term for the learned variance (ADM / DiT hybrid loss)")
@@ -253,9 +257,11 @@ def main(argv=None):
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- model, VAE, data
-    pipe, pretrained_id2label, base_license = None, None, "other"
+    pipe, pretrained_id2label, base_license, base_model = None, None, "other", None
     if args.pretrained_model_name_or_path:
         base_folder = download_pipeline(args.pretrained_model_name_or_path)
+        if not Path(args.pretrained_model_name_or_path).is_dir():  # the card's `base_model` names Hub repos only
+            base_model = args.pretrained_model_name_or_path
         if (Path(base_folder) / "README.md").is_file():  # fine-tuned weights keep the base model's licence
             base_license = ModelCard.load(Path(base_folder) / "README.md").data.license or base_license
         pipe = DiffiTPipeline.from_pretrained(base_folder)
@@ -524,7 +530,7 @@ def main(argv=None):
         card = create_model_card(
             output_dir, model_card_text(args, model_cls, len(dataset), num_classes, max_train_steps, total_batch),
             license=args.license or base_license,
-            base_model=args.pretrained_model_name_or_path,
+            base_model=base_model,
             tags=["diffit", "diffusers-diffit", "image-generation",
                   "class-conditional" if num_classes else "unconditional-image-generation"],
         )
