@@ -152,7 +152,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float16]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default attention backend "

@@ -206,7 +206,8 @@ def test_batch_equals_single_samples_and_bias_is_shared():
     batched = _run(model, x, t, y)
     singles = torch.cat([_run(model, x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(3)])
     assert torch.allclose(batched, singles, atol=1e-5)
-    assert model.transformer_blocks[0].attn.relative_position_bias().shape == (1, 4, 64, 64)
+    bias = model.transformer_blocks[0].attn.relative_position_bias()
+    assert bias.shape == (1, 4, 64, 64) and bias.is_contiguous()  # one [1, H, N, N] mask broadcast over the batch
 
 
 # ---------------------------------------------------------------------------------------------- conditioning rules
