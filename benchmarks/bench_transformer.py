@@ -11,6 +11,7 @@ spreads over all of them; ratios are against the naive reference of the same run
 """
 
 import argparse
+import ctypes
 import statistics
 import sys
 import time
@@ -35,8 +36,8 @@ def synchronize(device):
 
 
 def peak_memory(fn, device) -> float:
-    """Extra bytes at the peak while `fn` runs: CUDA allocator stats, or on CPU the process's resident-set high-water
-    mark (reset through /proc/self/clear_refs) above the resident set before the call."""
+    """Extra bytes at the peak while `fn` runs: CUDA allocator stats, or on CPU (Linux, glibc) the process's
+    resident-set high-water mark (reset through /proc/self/clear_refs) above the resident set before the call."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -48,6 +49,7 @@ def peak_memory(fn, device) -> float:
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
 
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, or the peak hides in allocator caches
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     base = status("VmRSS:")
     fn()
