@@ -107,7 +107,9 @@ class DiffiTResBlock(nn.Module):
             time_embed_dim=time_embed_dim,
             mlp_ratio=mlp_ratio,
         )
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # hidden_states: [B, C_in, H, W], temb: [B, C_t] -> [B, C_out, H, W]
