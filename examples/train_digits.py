@@ -12,7 +12,8 @@ One command, seeded, CPU only; the defaults are the recipe of the shipped model.
   and global attention at 4, and one training step costs a quarter of one at 32×32 on a CPU.
 - Model: `DiffiTUNet2DModel` with widths (32, 64, 64), one DiffiT ResBlock per level and side, window 4, head
   dim 16 (758,453 parameters); `--architecture unet` builds diffusers' `UNet2DModel` of about the same size
-  (729,569: ResNet blocks, attention at 8×8 and 4×4).
+  (729,569: ResNet blocks, attention at 8×8 and 4×4). The "DiffiT architecture" flags train variants of the
+  DiffiT model (the README's digits-quality table lists the ones measured).
 - Recipe: EDM (`diffusers_diffit.edm.edm_loss`: σ_data 0.5, ln σ ~ N(−1.2, 1.2²), EDM weighting), Adam with a
   linear warm-up, labels replaced by the null class with probability 0.1 (for classifier-free guidance; done here
   for both architectures, so the DiffiT model's own `class_dropout_prob` is 0), EMA of the weights (diffusers'
@@ -61,6 +62,7 @@ DIGITS_DIFFIT = dict(
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
 )
+DIFFIT_OPTIONS = ("block_out_channels", "layers_per_block", "window_size", "mlp_ratio", "time_embedding_dim")
 # diffusers' UNet2DModel of about the same size: ResNet blocks, attention at 8 and 4, class table with a null row.
 DIGITS_UNET = dict(
     sample_size=16,
@@ -108,10 +110,13 @@ def model_to_ink(images: torch.Tensor) -> np.ndarray:
     return ink.clamp(0, 1).view(-1, 8, 8).numpy()
 
 
-def build_model(architecture: str) -> torch.nn.Module:
+def build_model(architecture: str, **diffit_overrides) -> torch.nn.Module:
+    """The shipped DiffiT (`DIGITS_DIFFIT`, entries replaced by `diffit_overrides`) or the U-Net baseline."""
     if architecture == "diffit":
-        return DiffiTUNet2DModel(**DIGITS_DIFFIT)
+        return DiffiTUNet2DModel(**{**DIGITS_DIFFIT, **diffit_overrides})
     if architecture == "unet":
+        if diffit_overrides:
+            raise ValueError(f"DiffiT options {sorted(diffit_overrides)} do not apply to `architecture` 'unet'.")
         return UNet2DModel(**DIGITS_UNET)
     raise ValueError(f"`architecture` must be 'diffit' or 'unet', got {architecture!r}.")
 
@@ -131,10 +136,23 @@ def save_pipeline(model: DiffiTUNet2DModel, path: Path, num_inference_steps: int
     pipe.save_pretrained(path, safe_serialization=True)
 
 
+def diffit_overrides(args: argparse.Namespace) -> dict:
+    """The "DiffiT architecture" flags that were given, as `DIGITS_DIFFIT` entries."""
+    return {name: getattr(args, name) for name in DIFFIT_OPTIONS if getattr(args, name) is not None}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/digits"))
     parser.add_argument("--architecture", choices=["diffit", "unet"], default="diffit")
+    architecture = parser.add_argument_group(
+        "DiffiT architecture", "override entries of DIGITS_DIFFIT, the shipped model's config (default: unchanged)"
+    )
+    architecture.add_argument("--block_out_channels", type=int, nargs="+", default=None)
+    architecture.add_argument("--layers_per_block", type=int, default=None)
+    architecture.add_argument("--window_size", type=int, default=None)
+    architecture.add_argument("--mlp_ratio", type=float, default=None)
+    architecture.add_argument("--time_embedding_dim", type=int, default=None)
     parser.add_argument("--max_train_steps", type=int, default=3000)
     parser.add_argument("--train_batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -165,7 +183,7 @@ def main(argv=None):
     train_ink, train_labels, _, _ = digits_split()
     images = ink_to_model(train_ink, DIGITS_DIFFIT["sample_size"])  # [1297, 1, 16, 16]
     labels = torch.as_tensor(train_labels, dtype=torch.long)
-    model = build_model(args.architecture).train()
+    model = build_model(args.architecture, **diffit_overrides(args)).train()
     logger.info("%s: %d parameters, %d training images", args.architecture, model.num_parameters(), len(images))
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)

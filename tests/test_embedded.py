@@ -18,7 +18,14 @@ from diffusers_diffit.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-from train_digits import digits_split, model_to_ink  # noqa: E402
+from train_digits import (  # noqa: E402
+    DIGITS_DIFFIT,
+    build_model,
+    diffit_overrides,
+    digits_split,
+    model_to_ink,
+    parse_args,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,17 @@ def test_console_script_is_declared():
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("diffit") == "diffusers_diffit.cli:main"
     assert diffusers_diffit.embedded_model_path is embedded_model_path
+
+
+def test_train_digits_defaults_are_the_shipped_config():
+    # The documented command trains what is shipped; the architecture flags only replace the entries they name.
+    shipped = DiffiTUNet2DModel.load_config(Path(embedded_model_path("digits")) / "transformer")
+    defaults = build_model("diffit", **diffit_overrides(parse_args([]))).config
+    as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # config.json stores lists
+    assert {k: as_json[k] for k in DIGITS_DIFFIT} == {k: shipped[k] for k in DIGITS_DIFFIT}
+    args = parse_args(["--window_size", "8", "--block_out_channels", "32", "48", "48", "--layers_per_block", "2"])
+    model = build_model("diffit", **diffit_overrides(args))
+    assert model.window_sizes == [8, 8, 4] and list(model.config.block_out_channels) == [32, 48, 48]
+    assert model.config.layers_per_block == 2 and model.config.mlp_ratio == shipped["mlp_ratio"]
+    with pytest.raises(ValueError, match="window_size"):
+        build_model("unet", window_size=8)
