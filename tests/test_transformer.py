@@ -3,13 +3,13 @@
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from diffusers.models.embeddings import Timesteps
 from safetensors.torch import save_file
 
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTAttnProcessor, DiffiTTransformer2DModel
 from diffusers_diffit.models.attention import BIAS_CAPABLE_BACKENDS
 from tests.reference_diffit import ReferenceDiffiT, randomize_, timestep_embedding
+from tests.utils import relative_error
 
 TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
 
@@ -26,14 +26,6 @@ def inputs(batch=3, size=16, classes=10, seed=0):
     t = torch.tensor([0, 999, 437][:batch] + [5] * max(batch - 3, 0))
     y = torch.tensor([classes, 0, 7][:batch] + [1] * max(batch - 3, 0))  # includes the null class
     return x, t, y
-
-
-@pytest.fixture(autouse=True)
-def _restore_attention_backend():
-    """`set_attention_backend` also changes diffusers' process-wide default, which `reset_attention_backend` leaves."""
-    active = _AttentionBackendRegistry._active_backend
-    yield
-    _AttentionBackendRegistry._active_backend = active
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +75,17 @@ def test_from_single_file_dtype_and_overrides(official_file):
     assert model.dtype == torch.bfloat16 and model.config.class_dropout_prob == 0.0
     model = DiffiTTransformer2DModel.from_single_file(official_file, dtype=torch.float16)
     assert model.dtype == torch.float16 and "dtype" not in model.config
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads(reference, tmp_path, dtype):
+    """A checkpoint saved in half precision carries a rounded sin-cos `pos_embed`; it is still recognised."""
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in reference.state_dict().items()},
+              tmp_path / "half.safetensors")
+    model = DiffiTTransformer2DModel.from_single_file(tmp_path / "half.safetensors", torch_dtype=torch.float32)
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert relative_error(model(x, t, y).sample, reference(x, t, y)) < 2e-2
 
 
 def test_loading_errors_list_everything_and_name_dit(reference, tmp_path):
