@@ -253,7 +253,9 @@ class DiffiTPipeline(DiffusionPipeline):
             raise ValueError(f"`generator` is a list of {len(generator)}; it must have one per image ({batch}).")
         shape = (batch, channels, side, side)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+            # drawn in float32 whatever the model's dtype: a seed gives the same image in fp16, bf16 and fp32
+            # (torch's CPU generator can draw a different sequence for reduced-precision dtypes)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"`latents` must have shape {shape} (batch, in_channels, side, side), got {tuple(latents.shape)}."
