@@ -3,7 +3,7 @@
     python examples/train_digits.py --output_dir outputs/digits                      # the shipped model
     python examples/train_digits.py --output_dir outputs/digits-unet --architecture unet   # benchmark baseline
 
-One command, seeded, CPU only; the defaults are the recipe of the shipped model.
+One command, seeded, on the CPU by default; the defaults are the recipe of the shipped model.
 
 - Data: scikit-learn's bundled digits (1797 8×8 images, ink 0…16, 10 classes). 50 random images per class are
   held out for `benchmarks/quality_digits.py` (`digits_split`); the model trains on the other 1297. Pixel =
@@ -23,7 +23,9 @@ One command, seeded, CPU only; the defaults are the recipe of the shipped model.
   (18 steps, guidance 1.25): the folder shipped as `diffusers_diffit/embedded/digits`. `--package_from DIR`
   writes such a folder from a saved model without training.
 
-Results are reproducible for a given `--seed` and `--num_threads` (the thread count changes float summation order).
+Results are reproducible for a given `--seed`, `--num_threads` and `--device` (the thread count and the device change
+the float summation order; the random draws come from one CPU generator whatever the device). With `--device cuda`,
+eight trainings sharing one H100 (one process each) took 3.8 min apiece.
 Measured wall time of the default command (1 thread) on the shared 2-core machine, with the other architecture
 training at the same time: 35 min for DiffiT, 31 min for the U-Net.
 """
@@ -161,6 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ema_max_decay", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (2 is faster on 2 cores)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model trains, e.g. cuda; random draws stay on the CPU generator")
     parser.add_argument("--num_inference_steps", type=int, default=18, help="saved as the pipeline default")
     parser.add_argument("--guidance_scale", type=float, default=1.25, help="saved as the pipeline default")
     parser.add_argument("--package_from", type=Path, default=None,
@@ -181,9 +185,9 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
 
     train_ink, train_labels, _, _ = digits_split()
-    images = ink_to_model(train_ink, DIGITS_DIFFIT["sample_size"])  # [1297, 1, 16, 16]
-    labels = torch.as_tensor(train_labels, dtype=torch.long)
-    model = build_model(args.architecture, **diffit_overrides(args)).train()
+    images = ink_to_model(train_ink, DIGITS_DIFFIT["sample_size"]).to(args.device)  # [1297, 1, 16, 16]
+    labels = torch.as_tensor(train_labels, dtype=torch.long, device=args.device)
+    model = build_model(args.architecture, **diffit_overrides(args)).to(args.device).train()
     logger.info("%s: %d parameters, %d training images", args.architecture, model.num_parameters(), len(images))
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
@@ -196,10 +200,11 @@ def main(argv=None):
     for step in progress:
         if cursor + args.train_batch_size > len(images):
             order, cursor = torch.randperm(len(images), generator=generator), 0
-        batch = order[cursor : cursor + args.train_batch_size]
+        batch = order[cursor : cursor + args.train_batch_size].to(args.device)
         cursor += args.train_batch_size
         y = labels[batch]
-        y = torch.where(torch.rand(y.shape, generator=generator) < args.label_dropout, NUM_CLASSES, y)
+        dropped = (torch.rand(y.shape, generator=generator) < args.label_dropout).to(args.device)
+        y = torch.where(dropped, NUM_CLASSES, y)
 
         loss = edm_loss(model, images[batch], y, generator=generator)
         optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from train_digits import (  # noqa: E402
     model_to_ink,
     parse_args,
 )
+from train_digits import main as train_digits_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,20 @@ def test_train_digits_defaults_are_the_shipped_config():
     assert model.config.layers_per_block == 2 and model.config.mlp_ratio == shipped["mlp_ratio"]
     with pytest.raises(ValueError, match="window_size"):
         build_model("unet", window_size=8)
+
+
+def test_train_digits_trains_and_writes_a_loadable_pipeline(tmp_path):
+    """A few steps of the documented command: the raw and EMA models and a pipeline with the recipe asked for."""
+    threads = torch.get_num_threads()
+    train_digits_main(["--output_dir", str(tmp_path), "--max_train_steps", "3", "--lr_warmup_steps", "1",
+                "--block_out_channels", "16", "32", "32", "--time_embedding_dim", "32", "--num_inference_steps", "5"])
+    torch.set_num_threads(threads)
+    raw = DiffiTUNet2DModel.from_pretrained(tmp_path / "model")
+    pipe = DiffiTPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.config.num_inference_steps == 5 and pipe.config.guidance_scale == 1.25
+    assert list(pipe.transformer.config.block_out_channels) == [16, 32, 32]
+    ema, trained = dict(pipe.transformer.named_parameters()), dict(raw.named_parameters())
+    assert any(not torch.equal(ema[k], trained[k]) for k in ema)  # the pipeline holds the EMA weights
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([4], num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
+    assert images.shape == (1, 1, 16, 16) and torch.isfinite(images).all()
