@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test bench clean
+.PHONY: setup sample test bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: setup
+	$(PY) benchmarks/bench_transformer.py
+
+# On a CUDA machine (CI has none): the tests marked `gpu`, then the benchmark in bf16 and fp16.
+gpu-check: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests
 	$(PY) benchmarks/bench_transformer.py
 
 clean:

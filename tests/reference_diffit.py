@@ -38,7 +38,7 @@ def swin_index(w: int) -> torch.Tensor:
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -56,7 +56,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq))
+        return self.mlp(timestep_embedding(t, self.freq).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
