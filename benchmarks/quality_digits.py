@@ -2,11 +2,14 @@
 
     python examples/train_digits.py --output_dir outputs/digits-unet --architecture unet   # the baseline, once
     python benchmarks/quality_digits.py --unet outputs/digits-unet/ema
+    python benchmarks/quality_digits.py --diffit runs/diffit_s*/pipeline --unet runs/unet_s*/ema  # over seeds
 
 Protocol (the split, the 16×16 ↔ 8×8 maps and the baseline come from `examples/train_digits.py`):
-- 500 samples per model, 50 per class, through `DiffiTPipeline` with the shipped pipeline's scheduler, steps and
-  guidance for both models, same seed. Samples are mapped back to 8×8 ink by the least-squares inverse of the
-  training upsampling (exact on real digits).
+- 500 samples per model and draw, 50 per class, through `DiffiTPipeline` with the scheduler, steps and guidance of
+  the first DiffiT pipeline (the shipped one by default) for every model, same seeds. Samples are mapped back to 8×8
+  ink by the least-squares inverse of the training upsampling (exact on real digits).
+- several folders per architecture (one per training seed): a row each (spread over the draws), then a "mean over
+  N trainings" row whose ± is the spread over the trainings, which is what comparing architectures needs.
 - accuracy: an RBF SVM (C=10) trained on the 1297 real training digits (8×8) classifies each sample; the label
   asked for is the truth.
 - FD: Fréchet distance to the 1297 real training digits, in two feature spaces fitted on them: the hidden ReLU
@@ -97,8 +100,10 @@ def unet_pipeline(path: str, like: DiffiTPipeline) -> DiffiTPipeline:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--diffit", default=None, help="DiffiT pipeline folder (default: the shipped digits model)")
-    parser.add_argument("--unet", default=None, help="UNet2DModel folder from train_digits.py --architecture unet")
+    parser.add_argument("--diffit", nargs="+", default=None,
+                        help="DiffiT pipeline folder(s), e.g. one per training seed (default: the shipped model)")
+    parser.add_argument("--unet", nargs="+", default=[],
+                        help="UNet2DModel folder(s) from train_digits.py --architecture unet")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=None, help="override the pipeline's steps for both models")
     parser.add_argument("--guidance-scale", type=float, default=None, help="override for both models")
@@ -111,26 +116,35 @@ def main():
     judge = Judge(train_ink, train_labels)
     recipe = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
 
-    diffit = DiffiTPipeline.from_pretrained(args.diffit or embedded_model_path("digits"))
-    models = [("DiffiTUNet2DModel", diffit)]
-    if args.unet:
-        models.append(("diffusers UNet2DModel", unet_pipeline(args.unet, diffit)))
+    diffit = [DiffiTPipeline.from_pretrained(path) for path in args.diffit or [embedded_model_path("digits")]]
+    families = [
+        ("DiffiTUNet2DModel", args.diffit or ["shipped"], diffit),
+        ("diffusers UNet2DModel", args.unet, [unet_pipeline(path, diffit[0]) for path in args.unet]),
+    ]
     real = judge(held_out_ink, held_out_labels)
     rows = [("real held-out digits", "-", {k: [v] for k, v in real.items()})]
-    for name, pipe in models:
-        pipe.set_progress_bar_config(disable=True)
-        start, runs = time.time(), []
-        for seed in args.seeds:
-            runs.append(judge(*sample_ink(pipe, args.per_class, seed, **recipe)))
-        seconds = (time.time() - start) / len(args.seeds)
-        params = f"{pipe.transformer.num_parameters():,}"
-        rows.append((f"{name} ({seconds:.0f} s / draw)", params, {k: [r[k] for r in runs] for k in runs[0]}))
+    for name, paths, pipes in families:
+        trainings = []
+        for path, pipe in zip(paths, pipes):
+            pipe.set_progress_bar_config(disable=True)
+            start, runs = time.time(), []
+            for seed in args.seeds:
+                runs.append(judge(*sample_ink(pipe, args.per_class, seed, **recipe)))
+            seconds = (time.time() - start) / len(args.seeds)
+            draws = {k: [r[k] for r in runs] for k in runs[0]}
+            label = name if len(paths) == 1 else f"{name} `{path}`"
+            rows.append((f"{label} ({seconds:.0f} s / draw)", f"{pipe.transformer.num_parameters():,}", draws))
+            trainings.append({k: float(np.mean(v)) for k, v in draws.items()})
+        if len(trainings) > 1:  # the spread over training runs, not over sampling draws
+            over = {k: [t[k] for t in trainings] for k in trainings[0]}
+            rows.append((f"**{name}, mean over {len(trainings)} trainings**", rows[-1][1], over))
 
-    cfg = diffit.config
+    cfg = diffit[0].config
     print(
-        f"{NUM_CLASSES * args.per_class} images per draw, seeds {args.seeds} (mean ± std); "
-        f"{type(diffit.scheduler).__name__}, {args.steps or cfg.num_inference_steps} steps, guidance "
-        f"{args.guidance_scale or cfg.guidance_scale} ({cfg.guidance_schedule}, interval {cfg.guidance_interval})"
+        f"{NUM_CLASSES * args.per_class} images per draw, seeds {args.seeds}; mean ± std over the draws, or over the "
+        f"trainings in a 'mean over' row; {type(diffit[0].scheduler).__name__}, "
+        f"{args.steps or cfg.num_inference_steps} steps, guidance {args.guidance_scale or cfg.guidance_scale} "
+        f"({cfg.guidance_schedule}, interval {cfg.guidance_interval})"
     )
     print("| images | params | SVM accuracy | FD, MLP features (× real) | FD, PCA-16 (× real) | NN distance |")
     print("|---|---|---|---|---|---|")
