@@ -179,6 +179,8 @@ def test_fused_projections_match():
         (dict(window_size=0), "window_size"),
         (dict(layers_per_block=0), "layers_per_block"),
         (dict(num_classes=-1), "num_classes"),
+        (dict(mlp_ratio=0), "mlp_ratio"),
+        (dict(time_embedding_dim=0), "time_embedding_dim"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -171,6 +171,10 @@ class DiffiTUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin):
             raise ValueError(f"`window_size` must be >= 1, got {window_size}.")
         if layers_per_block < 1:
             raise ValueError(f"`layers_per_block` must be >= 1, got {layers_per_block}.")
+        if mlp_ratio <= 0:
+            raise ValueError(f"`mlp_ratio` must be > 0, got {mlp_ratio}.")
+        if time_embedding_dim < 1:
+            raise ValueError(f"`time_embedding_dim` must be >= 1, got {time_embedding_dim}.")
         if any(c % attention_head_dim for c in block_out_channels):
             raise ValueError(
                 f"Every entry of `block_out_channels` {tuple(block_out_channels)} must be a multiple of "
