@@ -109,6 +109,7 @@ def main():
     parser.add_argument("--guidance-scale", type=float, default=None, help="override for both models")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one 500-image draw per seed")
     parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the models sample, e.g. cuda (same noise: CPU generator)")
     args = parser.parse_args()
     torch.set_num_threads(args.num_threads)
 
@@ -126,7 +127,7 @@ def main():
     for name, paths, pipes in families:
         trainings = []
         for path, pipe in zip(paths, pipes):
-            pipe.set_progress_bar_config(disable=True)
+            pipe.to(args.device).set_progress_bar_config(disable=True)
             start, runs = time.time(), []
             for seed in args.seeds:
                 runs.append(judge(*sample_ink(pipe, args.per_class, seed, **recipe)))
