@@ -117,9 +117,10 @@ def main():
     judge = Judge(train_ink, train_labels)
     recipe = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
 
-    diffit = [DiffiTPipeline.from_pretrained(path) for path in args.diffit or [embedded_model_path("digits")]]
+    diffit_paths = args.diffit or [embedded_model_path("digits")]
+    diffit = [DiffiTPipeline.from_pretrained(path) for path in diffit_paths]
     families = [
-        ("DiffiTUNet2DModel", args.diffit or ["shipped"], diffit),
+        ("DiffiTUNet2DModel", diffit_paths, diffit),
         ("diffusers UNet2DModel", args.unet, [unet_pipeline(path, diffit[0]) for path in args.unet]),
     ]
     real = judge(held_out_ink, held_out_labels)
