@@ -17,6 +17,9 @@ Protocol (the split, the 16×16 ↔ 8×8 maps and the baseline come from `exampl
   Real-vs-real: the 500 held-out digits, which the models never saw, against the same reference.
 - NN: median L2 distance (8×8 ink) from each image to its nearest training digit; far below the held-out figure
   would mean the model copies its training set.
+- as many DiffiT as U-Net folders (two or more): they are paired in the order given (pass the same training seeds
+  in the same order, as `digits_seeds.sh` does), and the last line is the paired difference DiffiT − U-Net of each
+  metric, mean ± standard error over the pairs, with its t statistic.
 Targets (issue 4): accuracy >= 98 %, FD <= 2x real-vs-real, DiffiT at least as good as the U-Net.
 """
 
@@ -78,6 +81,14 @@ class Judge:
         }
 
 
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of a[i] − b[i] over paired trainings (at least two pairs)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_difference needs two equal-length lists of at least 2, got {len(a)} and {len(b)}.")
+    d = np.asarray(a) - np.asarray(b)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def sample_ink(pipe: DiffiTPipeline, per_class: int, seed: int, **recipe) -> tuple[np.ndarray, np.ndarray]:
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
     images = pipe(
@@ -125,8 +136,10 @@ def main():
     ]
     real = judge(held_out_ink, held_out_labels)
     rows = [("real held-out digits", "-", {k: [v] for k, v in real.items()})]
+    per_family = []  # each family's trainings: {metric: mean over the draws}
     for name, paths, pipes in families:
         trainings = []
+        per_family.append(trainings)
         for path, pipe in zip(paths, pipes):
             pipe.to(args.device).set_progress_bar_config(disable=True)
             start, runs = time.time(), []
@@ -154,6 +167,15 @@ def main():
         cells = [_cell(100 * np.array(m["accuracy"]), "{:.1f} %")]
         cells += [_cell(np.array(m[k]), "{:.3f}", real[k]) for k in ("fd_mlp", "fd_pca")]
         print(f"| {name} | {params} | " + " | ".join(cells) + f" | {np.mean(m['nn']):.3f} |")
+    diffit_runs, unet_runs = per_family
+    if len(diffit_runs) == len(unet_runs) > 1:
+        cells = []
+        for key, scale, digits, unit in (("accuracy", 100, 2, " pt"), ("fd_mlp", 1, 3, ""), ("fd_pca", 1, 3, ""),
+                                         ("nn", 1, 3, "")):
+            mean, se = paired_difference([scale * t[key] for t in diffit_runs], [scale * t[key] for t in unet_runs])
+            t_stat = mean / se if se else float("nan")
+            cells.append(f"{key} {mean:+.{digits}f} ± {se:.{digits}f}{unit} (t = {t_stat:+.1f})")
+        print(f"DiffiT − U-Net over {len(diffit_runs)} paired trainings (mean ± standard error): " + ", ".join(cells))
 
 
 def _cell(values: np.ndarray, fmt: str, real: float | None = None) -> str:
