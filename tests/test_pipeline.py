@@ -449,6 +449,60 @@ def test_callback_on_step_end_sees_and_replaces_latents():
         pipe([1], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise_pred"])
 
 
+@torch.no_grad()
+def test_live_guidance_scale_and_num_timesteps_follow_diffusers_conventions():
+    """diffusers' `test_callback_cfg`: a callback raising `_guidance_scale` by 1 per step ends at w + num_timesteps,
+    and the raised weight is the one the next step uses."""
+    pipe = make_pipe(vae=None, guidance_scale=2.0)
+    weights = []
+    pipe.transformer.register_forward_hook(lambda m, args, out: weights.append(pipe.guidance_scale))
+
+    def raise_guidance(p, i, t, kwargs):
+        p._guidance_scale += 1.0
+        return kwargs
+
+    latents = pipe([1], num_inference_steps=4, callback_on_step_end=raise_guidance, output_type="latent").images
+    assert pipe.num_timesteps == 4 and pipe.guidance_scale == 2.0 + pipe.num_timesteps
+    assert weights == [2.0, 3.0, 4.0, 5.0]
+    # the walk changes the result: w = 2 at every step gives other latents
+    assert not torch.allclose(latents, pipe([1], num_inference_steps=4, output_type="latent").images)
+
+
+@torch.no_grad()
+def test_stock_cfg_cutoff_callback_turns_guidance_off(monkeypatch):
+    """`SDCFGCutoffCallback` (diffusers' own) sets `_guidance_scale = 0` at the cutoff step: later steps run the
+    conditional batch alone, and the result equals a run whose guidance interval ends at the same step."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = make_pipe(vae=None, guidance_scale=3.0)
+    calls = _count_forwards(pipe)
+    run = dict(class_labels=[1, 2], num_inference_steps=6, output_type="latent")
+    cut = pipe(**run, generator=gen(0), callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images
+    assert calls == [4] * 4 + [2] * 2  # steps 0…3 guided (the callback runs after step 3 = int(6 · 0.5)), then not
+    # bitwise: the same pipeline, batch shapes and kernels step by step
+    t_last_guided = float(pipe.scheduler.timesteps[3])
+    same = pipe(**run, generator=gen(0), guidance_interval=(t_last_guided, 1000)).images
+    assert torch.equal(cut, same)
+    seen = []
+    pipe([3], num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: seen.append(kw["prompt_embeds"]) or {},
+         callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    assert [s.tolist() for s in seen] == [[3, NUM_CLASSES]] * 2  # [label; null] while guiding
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [np.array([3, 5]), np.array([3, 5], dtype=np.uint8), [torch.tensor(3), torch.tensor(5)], [np.int64(3), 5],
+     torch.tensor([3, 5], dtype=torch.int32)],
+    ids=["numpy", "numpy-uint8", "0d-tensors", "numpy-scalar", "int32-tensor"],
+)
+@torch.no_grad()
+def test_labels_in_every_form_diffusers_dit_accepts(labels):
+    pipe = make_pipe(vae=None)
+    run = dict(num_inference_steps=2, output_type="latent")
+    # bitwise: the same pipeline, batch and kernels; only the form of the labels differs
+    assert torch.equal(pipe(labels, generator=gen(0), **run).images, pipe([3, 5], generator=gen(0), **run).images)
+
+
 def test_offload_sequence_names_the_models():
     pipe = make_pipe()
     assert pipe.model_cpu_offload_seq == "transformer->vae"
@@ -531,6 +585,9 @@ def test_hub_id_is_loaded_from_the_snapshot(tmp_path):
         (dict(class_labels=[[1]]), "entries must be ints or strings"),
         (dict(class_labels=[]), "non-empty list"),
         (dict(class_labels=torch.tensor([1.0])), "must be 0-d or 1-d integers"),
+        (dict(class_labels=np.array([1.0])), "entries must be ints or strings"),
+        (dict(class_labels=[torch.tensor(1.5)]), "entries must be ints or strings"),
+        (dict(class_labels=[torch.tensor([1, 2])]), "entries must be ints or strings"),
         (dict(class_labels="golden retriever"), "Unknown class label 'golden retriever'"),
         (dict(num_images_per_label=0), r"`num_images_per_label` must be an int >= 1"),
         (dict(num_inference_steps=0), r"`num_inference_steps` must be an int >= 1"),
