@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test bench gpu-check clean
+.PHONY: setup sample test test-other-kernels bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ sample: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The numerical tests again on other CPU kernels (MKL's SSE4.2 path, one thread), the way another CPU (an AMD EPYC
+# takes other MKL paths than a Xeon) or another thread count would run them: comparisons that claim bitwise
+# equality must hold there too, the others are within their stated tolerances.
+test-other-kernels: setup
+	MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_pipeline.py tests/test_transformer.py tests/test_unet.py tests/test_edm.py \
+		tests/test_scheduler_compatibility.py tests/test_embedded.py
 
 bench: setup
 	$(PY) benchmarks/bench_transformer.py

@@ -202,6 +202,9 @@ def test_scheduler_config_round_trip(tmp_path):
 
 
 def test_scheduler_errors():
+    for bad in (dict(s_churn=float("nan")), dict(s_tmax=float("inf")), dict(sigma_max=float("inf"))):
+        with pytest.raises(ValueError, match="must be finite numbers"):
+            EDMHeunScheduler(**bad)
     with pytest.raises(ValueError, match="sigma_min"):
         EDMHeunScheduler(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="s_churn"):

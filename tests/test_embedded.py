@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.svm import SVC
 
 import diffusers_diffit
 from diffusers_diffit import DiffiTPipeline, DiffiTUNet2DModel, EDMHeunScheduler, embedded_model_path
-from diffusers_diffit.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -79,25 +77,6 @@ def test_samples_are_the_digits_asked_for(pipe):
     raw = pipe(list(range(10)), num_images_per_label=2, generator=torch.manual_seed(1), output_type="latent").images
     predicted = svm.predict(model_to_ink(raw).reshape(20, -1))
     assert (predicted == np.repeat(np.arange(10), 2)).mean() >= 0.9
-
-
-def test_cli_writes_a_png_grid(tmp_path):
-    output = tmp_path / "out" / "grid.png"
-    cli_main(["sample", "--labels", "3", "1", "4", "--num-images-per-label", "2", "--steps", "3", "--output",
-              str(output)])
-    grid = Image.open(output)
-    assert grid.size == (2 * 64 + 2, 3 * 64 + 2 * 2)  # 16-px digits zoomed 4x, 2-px gaps; one row per label
-    assert np.asarray(grid).std() > 0
-
-
-def test_cli_scheduler_swap_and_family_check(tmp_path):
-    cli_main(["sample", "--labels", "5", "--num-images-per-label", "1", "--steps", "3", "--scheduler", "edm-euler",
-              "--upscale", "1", "--output", str(tmp_path / "euler.png")])
-    assert Image.open(tmp_path / "euler.png").size == (16, 16)
-    with pytest.raises(ValueError, match="edm"):
-        cli_main(["sample", "--labels", "5", "--scheduler", "ddim", "--output", str(tmp_path / "x.png")])
-    with pytest.raises(ValueError, match="outside"):
-        cli_main(["sample", "--labels", "12", "--output", str(tmp_path / "x.png")])
 
 
 def test_console_script_is_declared():

@@ -1,5 +1,10 @@
 """DiffiTPipeline: the official sampler reproduced against a reference loop written from SPEC.md §3, every scheduler,
-guidance, labels, outputs, callbacks, save/load and bad inputs. Tiny models on CPU."""
+guidance, labels, outputs, callbacks, save/load and bad inputs. Tiny models on CPU.
+
+Determinism: a comparison is bitwise only between two runs of one pipeline object in one process with the same batch
+shapes at every step (same weights in the same memory, same kernels). Anything that may pick other kernels —
+reloaded weights, another batch size, another thread count or CPU — is compared with a stated tolerance.
+`make test-other-kernels` reruns these tests on MKL's SSE4.2 path with one thread to keep that honest."""
 
 import json
 import math
@@ -283,7 +288,7 @@ def test_stochastic_steps_draw_from_the_generator(scheduler_cls):
     torch.manual_seed(2)  # the global RNG must not matter
     b = pipe([1, 2], num_inference_steps=5, generator=gen(0), output_type="latent").images
     c = pipe([1, 2], num_inference_steps=5, generator=gen(1), output_type="latent").images
-    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # bitwise: same pipeline, batch and kernels
 
 
 @torch.no_grad()
@@ -333,7 +338,7 @@ def test_guidance_interval_skips_the_unconditional_pass():
     assert calls == [4] * 6
     calls.clear()
     same = pipe(**run, generator=gen(0), guidance_interval=(0, 999)).images
-    assert torch.equal(same, everywhere)
+    assert torch.equal(same, everywhere)  # bitwise: the same batches at every step
     calls.clear()
     timesteps = pipe.scheduler.timesteps.tolist()
     inside = pipe(**run, generator=gen(0), guidance_interval=(timesteps[4], timesteps[1])).images
@@ -341,7 +346,7 @@ def test_guidance_interval_skips_the_unconditional_pass():
     calls.clear()
     nowhere = pipe(**run, generator=gen(0), guidance_interval=(-2, -1)).images
     unguided = pipe(**run, generator=gen(0), guidance_scale=1.0).images
-    assert calls == [2] * 12 and torch.equal(nowhere, unguided)
+    assert calls == [2] * 12 and torch.equal(nowhere, unguided)  # bitwise: the same unguided batches
     assert not torch.allclose(inside, everywhere) and not torch.allclose(inside, unguided)
 
 
@@ -350,6 +355,7 @@ def test_guided_channels_and_call_arguments_override_the_config():
     pipe = make_pipe(vae=None, guidance_scale=3.0, guided_channels=3)
     run = dict(class_labels=[5], num_inference_steps=4, output_type="latent")
     default = pipe(**run, generator=gen(0)).images
+    # bitwise: the same pipeline and batches; only where the recipe values come from differs
     assert torch.equal(default, pipe(**run, generator=gen(0), guided_channels=3, guidance_scale=3.0).images)
     assert torch.equal(default, pipe(**run, generator=gen(0), guided_channels=None).images)  # None = the config's
     assert not torch.allclose(default, pipe(**run, generator=gen(0), guided_channels=4).images)  # all 4
@@ -398,7 +404,7 @@ def test_batch_equals_single_images_with_a_generator_list():
     assert relative_error(batch[:1], first) < 1e-5 and relative_error(batch[1:], second) < 1e-5
     again = pipe([3, 5], generator=[gen(10), gen(11)], **run).images
     swapped = pipe([3, 5], generator=[gen(11), gen(10)], **run).images
-    assert torch.equal(batch, again) and not torch.allclose(batch, swapped)
+    assert torch.equal(batch, again) and not torch.allclose(batch, swapped)  # bitwise: the same call twice
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,8 +426,9 @@ def test_output_types_decode_with_the_vae():
     np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy())
     official_uint8 = ((decoded + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # truncated
     assert all(isinstance(im, PIL.Image.Image) and im.size == (16, 16) for im in pil)
+    # bitwise: the same VAE object decodes the same latents with the same batch shape
     np.testing.assert_array_equal(np.stack([np.asarray(im) for im in pil]), official_uint8)
-    assert isinstance(tuple_out, tuple) and torch.equal(tuple_out[0], pt)
+    assert isinstance(tuple_out, tuple) and torch.equal(tuple_out[0], pt)  # bitwise: the same call twice
 
 
 @torch.no_grad()

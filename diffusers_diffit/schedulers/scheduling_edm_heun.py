@@ -25,6 +25,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..edm import edm_preconditioning
+from ..utils import is_finite_number
 
 
 @dataclass
@@ -67,6 +68,11 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         s_tmax: float | None = None,
         s_noise: float = 1.0,
     ):
+        values = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, s_churn=s_churn,
+                      s_tmin=s_tmin, s_noise=s_noise, **({} if s_tmax is None else {"s_tmax": s_tmax}))
+        not_finite = {k: v for k, v in values.items() if not is_finite_number(v)}
+        if not_finite:
+            raise ValueError(f"EDMHeunScheduler arguments must be finite numbers (s_tmax=None for no bound), got {not_finite}.")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"Need 0 < `sigma_min` < `sigma_max`, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
         if s_churn < 0:
