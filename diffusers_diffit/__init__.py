@@ -18,7 +18,7 @@ from .pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
 from .remote_code import install_diffusers_hooks
 from .schedulers import EDMHeunScheduler
 
-# `DiffusionPipeline.from_pretrained` finds DiffiTPipeline, and DiffiT repos with remote code load this package's classes
+# `DiffusionPipeline.from_pretrained` finds DiffiTPipeline; DiffiT repos with remote code load this package's classes
 install_diffusers_hooks([DiffiTPipeline])
 
 __all__ = [

@@ -59,7 +59,8 @@ def main(folder: str, out: str, call_kwargs: str) -> None:
         "diffusers_diffit_modules": sorted(m for m in sys.modules if m.startswith("diffusers_diffit")),
         "from_single_file": single_file_error,
     }
-    save_file({"images": images.contiguous(), "forward": forward.contiguous()}, out, metadata={"report": json.dumps(report)})
+    tensors = {"images": images.contiguous(), "forward": forward.contiguous()}
+    save_file(tensors, out, metadata={"report": json.dumps(report)})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The distributions: `python -m build` makes an sdist and a wheel that hold the shipped digits model, the ImageNet label
-table and py.typed, and pass `twine check`; a fresh virtual environment with only the wheel (and its dependencies,
-pinned by constraints-ci.txt) runs `diffit sample` and imports every public name.
+"""The distributions: `python -m build` makes an sdist and a wheel that hold the shipped digits model, the ImageNet
+label table and py.typed, and pass `twine check`; a fresh virtual environment with only the wheel (and its
+dependencies, pinned by constraints-ci.txt) runs `diffit sample` and imports every public name.
 
 `make dist` builds into dist/ and runs this file on those files (DIFFIT_DIST=dist); otherwise the distributions are
 built here. Takes about a minute: the fresh environment installs torch from the local CPU wheel."""

@@ -120,7 +120,7 @@ def test_plain_diffusers_loads_and_samples_like_the_package(kind, latent_repo, p
     child, report = run_without_package(folder, call, tmp_path)
     expected = package_outputs(folder, call)
 
-    model_class = "transformer_diffit.DiffiTTransformer2DModel" if kind == "latent" else "unet_diffit.DiffiTUNet2DModel"
+    model_class = {"latent": "transformer_diffit.DiffiTTransformer2DModel", "pixel": "unet_diffit.DiffiTUNet2DModel"}[kind]
     assert report["pipeline"] == "diffusers_modules.local.pipeline_diffit.DiffiTPipeline"
     assert report["automodel"] == f"diffusers_modules.local.{model_class}"
     assert report["components"]["transformer"] == f"diffusers_modules.local.{model_class.split('.')[0]}"
@@ -128,7 +128,8 @@ def test_plain_diffusers_loads_and_samples_like_the_package(kind, latent_repo, p
         assert report["components"]["scheduler"] == "diffusers_modules.local.scheduling_edm_heun"
     assert report["diffusers_diffit_modules"] == []
     if kind == "latent":
-        assert "`DiffiTTransformer2DModel.from_single_file` needs the diffusers-diffit package" in report["from_single_file"]
+        needs_package = "`DiffiTTransformer2DModel.from_single_file` needs the diffusers-diffit package"
+        assert needs_package in report["from_single_file"]
     for key in ("images", "forward"):
         assert child[key].shape == expected[key].shape and child[key].dtype == torch.float32
         difference = (child[key] - expected[key]).abs().max().item()
@@ -142,8 +143,8 @@ def test_repo_layout_and_generated_code(latent_repo, pixel_repo):
     files = sorted(p.relative_to(latent).as_posix() for p in latent.rglob("*") if p.is_file())
     assert files == [
         "README.md", "model_index.json", "pipeline_diffit.py", "sample_grid.png", "scheduler/scheduler_config.json",
-        "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "transformer/transformer_diffit.py",
-        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+        "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+        "transformer/transformer_diffit.py", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     ]
     index = json.loads((latent / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_diffit", "DiffiTPipeline"]
@@ -205,7 +206,8 @@ def test_package_classes_win_with_or_without_trust_remote_code(latent_repo, pixe
             pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=trust)
             assert type(pipe) is DiffiTPipeline and type(pipe.transformer) is model_class
         # str: diffusers 0.42's AutoModel joins the path into its load id
-        assert type(AutoModel.from_pretrained(str(folder), subfolder="transformer", trust_remote_code=True)) is model_class
+        model = AutoModel.from_pretrained(str(folder), subfolder="transformer", trust_remote_code=True)
+        assert type(model) is model_class
     assert type(DiffusionPipeline.from_pretrained(pixel_repo).scheduler) is EDMHeunScheduler
 
 
@@ -246,7 +248,8 @@ def test_model_card_and_upload(latent_repo):
     assert card.data.library_name == "diffusers" and card.data.license == "cc-by-nc-sa-4.0"
     assert card.data.base_model == "nvidia/DiffiT" and card.data.pipeline_tag == "unconditional-image-generation"
     assert 'DiffusionPipeline.from_pretrained("someone/DiffiT-tiny", trust_remote_code=True' in card.text
-    assert 'AutoModel.from_pretrained("someone/DiffiT-tiny", subfolder="transformer", trust_remote_code=True)' in card.text
+    automodel = 'AutoModel.from_pretrained("someone/DiffiT-tiny", subfolder="transformer", trust_remote_code=True)'
+    assert automodel in card.text
     assert 'DiffiTPipeline.from_pretrained("someone/DiffiT-tiny"' in card.text
     assert "![Samples of the converted pipeline](sample_grid.png)" in card.text
     assert "Classes 207 golden retriever, 0 tench; seed 0, 2 steps" in card.text
@@ -256,7 +259,8 @@ def test_model_card_and_upload(latent_repo):
     assert grid.size == (2 * 16 + 2, 16)  # two 16-px samples of the tiny VAE, 2-px gap
     assert calls[0] == ("HfApi", None) and calls[1] == ("create_repo", "someone/DiffiT-tiny", None, True)
     name, repo, message, uploaded = calls[2]
-    assert (name, repo, message) == ("upload_folder", "someone/DiffiT-tiny", "DiffiT 256px converted to diffusers (fp32)")
+    assert (name, repo) == ("upload_folder", "someone/DiffiT-tiny")
+    assert message == "DiffiT 256px converted to diffusers (fp32)"
     assert {"pipeline_diffit.py", "transformer/transformer_diffit.py", "sample_grid.png", "README.md"} <= set(uploaded)
 
 
