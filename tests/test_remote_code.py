@@ -120,7 +120,8 @@ def test_plain_diffusers_loads_and_samples_like_the_package(kind, latent_repo, p
     child, report = run_without_package(folder, call, tmp_path)
     expected = package_outputs(folder, call)
 
-    model_class = {"latent": "transformer_diffit.DiffiTTransformer2DModel", "pixel": "unet_diffit.DiffiTUNet2DModel"}[kind]
+    model_class = {"latent": "transformer_diffit.DiffiTTransformer2DModel",
+                   "pixel": "unet_diffit.DiffiTUNet2DModel"}[kind]
     assert report["pipeline"] == "diffusers_modules.local.pipeline_diffit.DiffiTPipeline"
     assert report["automodel"] == f"diffusers_modules.local.{model_class}"
     assert report["components"]["transformer"] == f"diffusers_modules.local.{model_class.split('.')[0]}"
