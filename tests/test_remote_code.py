@@ -269,3 +269,26 @@ def test_card_without_remote_code_does_not_promise_plain_diffusers(inputs, tmp_p
     assert not list(out.rglob("*.py")) and not (out / "sample_grid.png").exists()
     assert "Would upload to someone/x" in capsys.readouterr().out
     assert type(DiffusionPipeline.from_pretrained(out)) is DiffiTPipeline
+
+
+def test_hub_repo_code_is_read_not_run_with_the_package(pixel_repo, monkeypatch):
+    """For a Hub id, diffusers asks for the pipeline class before downloading the repo: the package fetches only the
+    code file to read its header, and leaves anything it cannot fetch to diffusers' own checks."""
+    import huggingface_hub
+    from diffusers.pipelines import pipeline_loading_utils
+
+    fetched = []
+
+    def fake_download(repo_id, filename, subfolder=None, **kwargs):
+        fetched.append((repo_id, filename, subfolder, kwargs))
+        if repo_id != "someone/DiffiT-pixel":
+            raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id}/{filename} is not cached (offline)")
+        return str(pixel_repo / (subfolder or "") / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    load = pipeline_loading_utils.get_class_from_dynamic_module
+    cls = load("someone/DiffiT-pixel", module_file="pipeline_diffit.py", class_name="DiffiTPipeline", revision="v1")
+    assert cls is DiffiTPipeline
+    assert fetched == [("someone/DiffiT-pixel", "pipeline_diffit.py", None, {"revision": "v1"})]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load("someone/other", module_file="pipeline_diffit.py", class_name="DiffiTPipeline")
