@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test test-other-kernels bench gpu-check clean
+.PHONY: setup sample test test-other-kernels bench gpu-check dist clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ bench: setup
 gpu-check: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests
 	$(PY) benchmarks/bench_transformer.py
+
+# sdist + wheel in dist/, `twine check`, then tests/test_packaging.py on them: a fresh venv with only the wheel samples.
+dist: setup
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	DIFFIT_DIST=dist HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_packaging.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -3,19 +3,26 @@ optionally upload it to the Hub.
 
     python conversion/convert_diffit_to_diffusers.py --checkpoint_path diffit_256.safetensors \\
         --output_path DiffiT-XL-2-256 [--vae stabilityai/sd-vae-ft-ema] [--image_size 256] [--dtype fp32] \\
-        [--push_to_hub you/DiffiT-XL-2-256 [--private]] [--dry_run]
+        [--remote_code] [--sample_grid] [--push_to_hub you/DiffiT-XL-2-256 [--private]] [--dry_run]
 
 The folder holds the transformer, the VAE, the official DDPM scheduler and a model_index.json with the ImageNet
 id2label and the resolution's sampling recipe as defaults. After writing, the folder is reloaded and its transformer
 checked against the checkpoint. `--dry_run` writes the folder but uploads nothing: it prints what would be uploaded.
+
+`--remote_code` also writes the DiffiT code, generated from the installed diffusers-diffit, into the folder, so that
+plain diffusers loads it with `trust_remote_code=True` (`DiffusionPipeline` and `AutoModel`). The default
+(`--no_remote_code`) is a folder without code, for the diffusers-diffit package. `--sample_grid` renders a grid of
+samples with the converted pipeline into `sample_grid.png` and shows it in the model card.
 """
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
+from diffusers_diffit.cli import make_grid, parse_labels
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, push_to_hub
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline
 
@@ -24,6 +31,11 @@ logger = logging.getLogger("convert_diffit_to_diffusers")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LICENSE = "cc-by-nc-sa-4.0"  # the weights' licence (share-alike): converted repos carry it
 TAGS = ["diffit", "diffusion-transformer", "class-conditional", "imagenet", "image-generation"]
+# The Hub has no class-conditional task; diffusers' own class-conditional DiT repos set none. Unconditional image
+# generation is the Hub task whose widget takes no text, which fits sampling by class id.
+PIPELINE_TAG = "unconditional-image-generation"
+SAMPLE_GRID = "sample_grid.png"
+SAMPLE_LABELS = ["88", "207", "279", "360", "387", "417", "974", "979"]  # macaw, golden retriever, arctic fox, ...
 # NVIDIA's reported ImageNet FID-50K results with the official recipe (ADM evaluator), by image side.
 RECIPE_KEYS = ("id2label", "num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power",
                "guided_channels", "guidance_interval")  # the pipeline's saved defaults
@@ -44,13 +56,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="upload the folder to this model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--dry_run", action="store_true", help="with --push_to_hub: list the upload, send nothing")
+    code = parser.add_mutually_exclusive_group()
+    code.add_argument("--remote_code", dest="remote_code", action="store_true",
+                      help="also write the DiffiT code, so that plain diffusers loads the folder with "
+                      "trust_remote_code=True")
+    code.add_argument("--no_remote_code", dest="remote_code", action="store_false",
+                      help="(default) no code in the folder: loading it needs the diffusers-diffit package")
+    parser.add_argument("--sample_grid", action="store_true",
+                        help=f"render {SAMPLE_GRID} with the converted pipeline and show it in the model card")
+    parser.add_argument("--sample_labels", nargs="+", default=SAMPLE_LABELS, metavar="LABEL",
+                        help="with --sample_grid: class ids or names, one column each (default: 8 ImageNet classes)")
+    parser.add_argument("--sample_steps", type=int, default=None,
+                        help="with --sample_grid: sampling steps (default: the recipe's)")
     args = parser.parse_args(argv)
     if (args.private or args.dry_run) and args.push_to_hub is None:
         parser.error("--private and --dry_run need --push_to_hub REPO_ID")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        parser.error(f"--sample_steps must be >= 1, got {args.sample_steps}")
     return args
 
 
-def model_description(pipe: DiffiTPipeline, image_size: int, repo_id: str, vae: str, dtype: str) -> str:
+def usage_section(repo_id: str, remote_code: bool) -> str:
+    """How to load the pipeline: with diffusers-diffit installed, and with plain diffusers when the repo has code."""
+    package = f"""```python
+import torch
+from diffusers_diffit import DiffiTPipeline  # pip install diffusers-diffit
+
+pipe = DiffiTPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")
+image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # the official recipe below
+images = pipe([207, "tiger cat"], num_images_per_label=4).images  # ImageNet ids or names (any synonym)
+```"""
+    if not remote_code:
+        return f"""With the [diffusers-diffit](https://pypi.org/project/diffusers-diffit/) package installed:
+
+{package}
+
+This repo holds no code, so plain diffusers cannot load it without the package."""
+    return f"""With plain diffusers: the DiffiT code is in this repo (generated from diffusers-diffit), so trust it:
+
+```python
+import torch
+from diffusers import AutoModel, DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, dtype=torch.float16).to("cuda")
+image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # the official recipe below
+transformer = AutoModel.from_pretrained("{repo_id}", subfolder="transformer", trust_remote_code=True)
+```
+
+With the [diffusers-diffit](https://pypi.org/project/diffusers-diffit/) package installed, its own classes are used
+and `trust_remote_code` is not needed (the code in this repo is then not run):
+
+{package}"""
+
+
+def model_description(
+    pipe: DiffiTPipeline, image_size: int, repo_id: str, vae: str, dtype: str, remote_code: bool = False,
+    sample_grid: str | None = None,
+) -> str:
     """The card text: what this is, how to use it, the recipe, NVIDIA's numbers, licence and citation."""
     cfg, recipe = pipe.transformer.config, OFFICIAL_RECIPES[image_size]
     schedule = (
@@ -60,23 +122,17 @@ def model_description(pipe: DiffiTPipeline, image_size: int, repo_id: str, vae: 
     )
     params = sum(p.numel() for p in pipe.transformer.parameters())
     numbers = " | ".join(REPORTED[image_size])
+    grid = "" if sample_grid is None else f"\n![Samples of the converted pipeline]({SAMPLE_GRID})\n\n{sample_grid}\n"
     return f"""# DiffiT {image_size}×{image_size} (class-conditional ImageNet) — diffusers format
 
 NVIDIA's released latent DiffiT ([Hatamizadeh et al., ECCV 2024](https://arxiv.org/abs/2312.02139)), converted from
 [`nvidia/DiffiT`](https://huggingface.co/nvidia/DiffiT) to a diffusers pipeline with the `diffusers-diffit` package:
 `DiffiTTransformer2DModel` ({cfg.num_layers} blocks, width {cfg.num_attention_heads * cfg.attention_head_dim},
 {params:,} parameters, {dtype}), the VAE `{vae}` and the official DDPM scheduler.
-
+{grid}
 ## Usage
 
-```python
-import torch
-from diffusers_diffit import DiffiTPipeline  # registers the DiffiT classes with diffusers
-
-pipe = DiffiTPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")
-image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # the official recipe below
-images = pipe([207, "tiger cat"], num_images_per_label=4).images  # ImageNet ids or names (any synonym)
-```
+{usage_section(repo_id, remote_code)}
 
 Faster sampling with another scheduler (the learned variance is then dropped):
 
@@ -115,9 +171,9 @@ the same licence.
 """
 
 
-def check_written_pipeline(output_path: str, pipe: DiffiTPipeline) -> None:
+def check_written_pipeline(output_path: str, pipe: DiffiTPipeline) -> DiffiTPipeline:
     """Reload the folder; its transformer must equal the one read from the checkpoint, tensor for tensor and on a
-    forward pass, and the defaults must have survived."""
+    forward pass, and the defaults must have survived. Returns the reloaded pipeline."""
     reloaded = DiffiTPipeline.from_pretrained(output_path, dtype=pipe.transformer.dtype)
     expected, written = pipe.transformer.state_dict(), reloaded.transformer.state_dict()
     bad = sorted(k for k in expected if k not in written or not torch.equal(expected[k], written[k]))
@@ -132,6 +188,20 @@ def check_written_pipeline(output_path: str, pipe: DiffiTPipeline) -> None:
     for key in RECIPE_KEYS:
         if reloaded.config[key] != pipe.config[key]:
             raise RuntimeError(f"model_index.json lost {key}: {reloaded.config[key]!r} != {pipe.config[key]!r}")
+    return reloaded
+
+
+def render_sample_grid(pipe: DiffiTPipeline, path: Path, labels: list[str], steps: int | None, seed: int = 0) -> str:
+    """Sample one image per label with the converted pipeline's defaults, save the row as a PNG at `path`; returns
+    the caption for the model card."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = pipe.to(device)
+    ids = [pipe.get_label_ids(label)[0] if isinstance(label, str) else label for label in parse_labels(labels)]
+    images = pipe(ids, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(seed)).images
+    make_grid(images, columns=len(images), upscale=1).save(path)
+    names = ", ".join(f"{i} {pipe.id2label[i][0]}" if i in pipe.id2label else str(i) for i in ids)
+    steps = steps or pipe.config.num_inference_steps
+    return f"Classes {names}; seed {seed}, {steps} steps with the recipe below."
 
 
 def main(argv=None) -> None:
@@ -142,18 +212,24 @@ def main(argv=None) -> None:
     pipe = DiffiTPipeline.from_single_file(args.checkpoint_path, vae=args.vae, image_size=args.image_size,
                                            torch_dtype=dtype)
     image_size = args.image_size or pipe.transformer.config.sample_size * pipe.vae_scale_factor
-    pipe.save_pretrained(args.output_path)
-    check_written_pipeline(args.output_path, pipe)
+    pipe.save_pretrained(args.output_path, remote_code=args.remote_code)
+    reloaded = check_written_pipeline(args.output_path, pipe)
     logger.info("Wrote and verified %s", args.output_path)
+    caption = None
+    if args.sample_grid:
+        caption = render_sample_grid(reloaded, Path(args.output_path) / SAMPLE_GRID, args.sample_labels,
+                                     args.sample_steps)
+        logger.info("Wrote %s", Path(args.output_path) / SAMPLE_GRID)
 
     upload = args.push_to_hub is not None and not args.dry_run
     repo_id = args.push_to_hub or args.output_path
     card = create_model_card(
         args.push_to_hub if upload else args.output_path,  # a dry run reads no Hub card
-        model_description(pipe, image_size, repo_id, args.vae, args.dtype),
+        model_description(pipe, image_size, repo_id, args.vae, args.dtype, args.remote_code, caption),
         license=LICENSE,
         base_model="nvidia/DiffiT",
         tags=TAGS,
+        pipeline_tag=PIPELINE_TAG,
     )
     card.save(f"{args.output_path}/README.md")
 

@@ -15,7 +15,11 @@ from .embedded import embedded_model_path
 from .guidance import GUIDANCE_SCHEDULES
 from .labels import imagenet_id2label
 from .pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
+from .remote_code import install_diffusers_hooks
 from .schedulers import EDMHeunScheduler
+
+# `DiffusionPipeline.from_pretrained` finds DiffiTPipeline; DiffiT repos with remote code load this package's classes
+install_diffusers_hooks([DiffiTPipeline])
 
 __all__ = [
     "DIFFIT_CONFIGS",

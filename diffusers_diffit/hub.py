@@ -47,10 +47,12 @@ def create_model_card(
     license: str,
     base_model: str | None = None,
     tags: Sequence[str] = (),
+    pipeline_tag: str | None = None,
     token: str | None = None,
 ) -> ModelCard:
     """A diffusers model card whose text is `model_description` (markdown), with `library_name: diffusers`,
-    `license`, `base_model` and `tags` in its metadata. Save it with `card.save(folder / "README.md")`.
+    `license`, `base_model`, `pipeline_tag` (the Hub task, e.g. "unconditional-image-generation") and `tags` in its
+    metadata. Save it with `card.save(folder / "README.md")`.
 
     `repo_id_or_path` is where the card will live, a Hub repo id or a local folder: a card already there keeps its
     other metadata and its tags (new ones are added) and gets the new text. A Hub id is looked up online.
@@ -70,6 +72,8 @@ def create_model_card(
     card.data.license = license
     if base_model is not None:
         card.data.base_model = base_model
+    if pipeline_tag is not None:
+        card.data.pipeline_tag = pipeline_tag
     return populate_model_card(card, tags=[tag for tag in dict.fromkeys(tags) if tag not in (card.data.tags or [])])
 
 

@@ -190,6 +190,21 @@ class DiffiTPipeline(DiffusionPipeline):
         folder = download_pipeline(pretrained_model_name_or_path, **hub_kwargs)
         return super().from_pretrained(folder, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, remote_code: bool = False, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained`; with `remote_code=True` the folder also gets the DiffiT code generated
+        from this package (`diffusers_diffit.remote_code.write_remote_code`), so that plain diffusers loads it with
+        `trust_remote_code=True`."""
+        if remote_code and kwargs.get("push_to_hub"):
+            raise ValueError(
+                "`push_to_hub=True` with `remote_code=True` would upload before the code is written: save first, then "
+                "upload the folder with `diffusers_diffit.hub.push_to_hub`."
+            )
+        super().save_pretrained(save_directory, **kwargs)
+        if remote_code:
+            from ..remote_code import write_remote_code
+
+            write_remote_code(self, save_directory)
+
     @classmethod
     def from_single_file(
         cls,
