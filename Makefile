@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test bench gpu-check clean
+.PHONY: setup sample test bench gpu-check space demo clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,14 @@ sample: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
+# The Gradio Space: `make space` writes a deployable Space folder into space/ (the digits model; pass a Hub model
+# with `python space_app/build_space.py --output space --model ID`); `make demo` serves the app on 127.0.0.1:7860.
+space: setup
+	$(PY) space_app/build_space.py --output space
+
+demo: setup
+	$(PY) space_app/app.py
+
 bench: setup
 	$(PY) benchmarks/bench_transformer.py
 
@@ -29,4 +37,4 @@ gpu-check: setup
 	$(PY) benchmarks/bench_transformer.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info space
