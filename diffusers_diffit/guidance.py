@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .utils import is_finite_number
+
 GUIDANCE_SCHEDULES = ("constant", "power-cosine")
 
 
@@ -26,12 +28,12 @@ def check_guidance_recipe(
     in_channels: int,
 ) -> dict:
     """Validate a guidance recipe; returns it normalised (numbers as floats/ints, the interval as a list or None)."""
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-        raise ValueError(f"`guidance_scale` must be a number >= 0 (1 = no guidance), got {guidance_scale!r}.")
+    if not is_finite_number(guidance_scale) or guidance_scale < 1:
+        raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 = no guidance), got {guidance_scale!r}.")
     if guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
-    if isinstance(guidance_power, bool) or not isinstance(guidance_power, (int, float)) or guidance_power <= 0:
-        raise ValueError(f"`guidance_power` must be a number > 0, got {guidance_power!r}.")
+    if not is_finite_number(guidance_power) or guidance_power <= 0:
+        raise ValueError(f"`guidance_power` must be a finite number > 0, got {guidance_power!r}.")
     if guided_channels is not None and (
         isinstance(guided_channels, bool) or not isinstance(guided_channels, int) or not 1 <= guided_channels <= in_channels
     ):
@@ -43,7 +45,7 @@ def check_guidance_recipe(
         if (
             not isinstance(guidance_interval, (tuple, list))
             or len(guidance_interval) != 2
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in guidance_interval)
+            or not all(is_finite_number(x) for x in guidance_interval)
             or guidance_interval[0] > guidance_interval[1]
         ):
             raise ValueError(

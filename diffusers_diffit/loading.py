@@ -15,6 +15,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 
 from .models.embeddings import get_2d_sincos_pos_embed, get_relative_position_index
+from .utils import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,8 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: dict) -> dic
 
 def load_official_transformer(model_cls, path: str | os.PathLike, **config_overrides):
     """Build `model_cls` from an official checkpoint; strict: one error lists every key that does not fit."""
-    torch_dtype = config_overrides.pop("torch_dtype", None)
-    dtype = config_overrides.pop("dtype", None) or torch_dtype or torch.float32
+    dtype = resolve_dtype(config_overrides.pop("dtype", None), config_overrides.pop("torch_dtype", None))
+    dtype = dtype or torch.float32
     official = read_checkpoint(path)
     config = {**infer_config(official), **config_overrides}
     state_dict = convert_state_dict(official, config)

@@ -1,5 +1,8 @@
 """Input checks shared by the DiffiT models: every bad input is a `ValueError` naming the argument."""
 
+import math
+import numbers
+
 import torch
 
 
@@ -40,3 +43,19 @@ def check_class_labels(
                 f"`class_labels` must lie in [0, {num_classes}] ({num_classes} = null class), got values in [{low}, {high}]."
             )
     return class_labels
+
+
+def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype=` and `torch_dtype=` are one option (diffusers accepts both spellings); giving two different ones is an
+    error."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"`dtype` ({dtype}) and `torch_dtype` ({torch_dtype}) disagree; pass one of them.")
+    for value in (dtype, torch_dtype):
+        if value is not None and not isinstance(value, torch.dtype):
+            raise ValueError(f"`dtype` must be a torch.dtype such as torch.float16, got {value!r}.")
+    return dtype if dtype is not None else torch_dtype
+
+
+def is_finite_number(value) -> bool:
+    """A real number (int, float, numpy scalar; not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -24,6 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..guidance import apply_guidance, check_guidance_recipe, guidance_weight, training_horizon
 from ..hub import HUB_DOWNLOAD_KWARGS, download_pipeline
 from ..labels import imagenet_id2label, lookup_label_ids, normalize_id2label
+from ..schedulers.compatibility import COMPATIBLE, check_scheduler, infer_denoiser_type, scheduler_class
+from ..utils import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +63,26 @@ class DiffiTPipeline(DiffusionPipeline):
         transformer: the denoiser, called as `transformer(x, t, class_labels=..., return_dict=False)[0]`; its config
             gives `in_channels`, `out_channels` (2·in_channels = ε then the learned-variance interpolation v),
             `sample_size` and `num_classes` (0 = unconditional; the null class is `num_classes`).
-        scheduler: any diffusers scheduler. The learned variance is passed on only to DDPM with
-            `variance_type="learned"/"learned_range"`; the other schedulers get ε alone.
+        scheduler: a scheduler that can drive the denoiser (`diffusers_diffit.schedulers.compatibility`): assigning
+            one that cannot (`pipe.scheduler = ...`) raises a `ValueError` listing those that can. The learned
+            variance is passed on only to DDPM with `variance_type="learned"/"learned_range"`; the other schedulers
+            get ε alone.
         vae: decodes latents; None for pixel-space models.
         id2label: class id -> names (list of synonyms, or one comma-separated string). None with a 1000-class model
             means the ImageNet-1k names shipped with the package.
         num_inference_steps, guidance_scale, guidance_schedule, guidance_power, guided_channels, guidance_interval:
             the default recipe of `__call__` (see there), saved with the pipeline. `OFFICIAL_RECIPES` holds
             NVIDIA's.
+        denoiser_type: what the denoiser was trained as, "ddpm" (discrete-time ε, optionally with the learned
+            variance) or "edm" (EDM-preconditioned); saved with the pipeline. None infers it from the scheduler
+            (EDM σ-space schedulers mean "edm"), which is also how folders saved without it load.
     """
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
-    _callback_tensor_inputs = ["latents"]
+    # "prompt_embeds" is the class-label conditioning of the model batch (int64 ids; [labels; null] while guiding),
+    # under the name diffusers' stock CFG callbacks read. It is for reading: the labels are rebuilt every step.
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(
         self,
@@ -87,19 +96,41 @@ class DiffiTPipeline(DiffusionPipeline):
         guidance_power: float = 4.0,
         guided_channels: int | None = None,
         guidance_interval: tuple[float, float] | list[float] | None = None,
+        denoiser_type: str | None = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         config = transformer.config
         if id2label is not None:
             id2label = normalize_id2label(id2label, num_classes=config.num_classes)
-        _check_steps(num_inference_steps)
+        check_steps(num_inference_steps)
         recipe = check_guidance_recipe(
             guidance_scale, guidance_schedule, guidance_power, guided_channels, guidance_interval, config.in_channels
         )
-        self.register_to_config(id2label=id2label, num_inference_steps=num_inference_steps, **recipe)
-        self.vae_scale_factor = _vae_scale_factor(vae)
+        denoiser_type = denoiser_type or infer_denoiser_type(scheduler)
+        self.register_to_config(
+            id2label=id2label, num_inference_steps=num_inference_steps, **recipe, denoiser_type=denoiser_type
+        )
+        self.scheduler = check_scheduler(scheduler, denoiser_type)  # the gate of every later assignment too
+        self.vae_scale_factor = vae_scale_factor(vae)
         self._interrupt = False
+
+    def __setattr__(self, name, value):
+        # `pipe.scheduler = X`: refuse a scheduler that cannot drive the model before it samples noise
+        if name == "scheduler" and "denoiser_type" in self.__dict__.get("_internal_dict", {}):
+            value = check_scheduler(value, self.denoiser_type, self.__dict__.get("scheduler"))
+        super().__setattr__(name, value)
+
+    @property
+    def denoiser_type(self) -> str:
+        """"ddpm" or "edm": what the denoiser was trained as, hence which schedulers can drive it."""
+        return self.config.denoiser_type
+
+    @property
+    def compatible_schedulers(self) -> list[type[SchedulerMixin]]:
+        """The scheduler classes that can drive this pipeline's denoiser (build one with
+        `Cls.from_config(pipe.scheduler.config)`)."""
+        return [scheduler_class(name) for name in COMPATIBLE[self.denoiser_type]]
 
     @property
     def id2label(self) -> dict[int, list[str]]:
@@ -107,6 +138,39 @@ class DiffiTPipeline(DiffusionPipeline):
         if self.config.id2label is not None:
             return normalize_id2label(self.config.id2label)
         return imagenet_id2label() if self.transformer.config.num_classes == 1000 else {}
+
+    # The live sampling state, as in diffusers' pipelines: set when a call starts, read at every step, so a
+    # step-end callback can change them (diffusers' `SDCFGCutoffCallback` sets `_guidance_scale = 0`).
+    @property
+    def guidance_scale(self) -> float:
+        """w of the running (or last) call; the pipeline's default before any call."""
+        return getattr(self, "_guidance_scale", self.config.guidance_scale)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Guidance is on while w > 1 (diffusers' convention: a callback turns it off by setting w <= 1)."""
+        return self.guidance_scale > 1
+
+    @property
+    def guidance_schedule(self) -> str:
+        return getattr(self, "_guidance_schedule", self.config.guidance_schedule)
+
+    @property
+    def guidance_power(self) -> float:
+        return getattr(self, "_guidance_power", self.config.guidance_power)
+
+    @property
+    def guided_channels(self) -> int | None:
+        return getattr(self, "_guided_channels", self.config.guided_channels)
+
+    @property
+    def guidance_interval(self) -> list[float] | None:
+        return getattr(self, "_guidance_interval", self.config.guidance_interval)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Model-call steps of the running (or last) call: `len(scheduler.timesteps)`."""
+        return self._num_timesteps
 
     @property
     def interrupt(self) -> bool:
@@ -133,19 +197,24 @@ class DiffiTPipeline(DiffusionPipeline):
         vae: str | os.PathLike | AutoencoderKL = "stabilityai/sd-vae-ft-ema",
         image_size: int | None = None,
         torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "DiffiTPipeline":
         """A pipeline around one of NVIDIA's released checkpoints, with the official scheduler and the recipe of
         its resolution (`OFFICIAL_RECIPES`) as defaults, and the ImageNet names for 1000-class models.
 
         `image_size` (256 or 512) picks the recipe; by default it is the checkpoint's latent side × the VAE's
-        downsampling factor, and it must agree with it when that is an official resolution.
+        downsampling factor, and it must agree with it when that is an official resolution. `dtype` and
+        `torch_dtype` are the same (diffusers accepts both).
         """
         from ..models import DiffiTTransformer2DModel
 
+        torch_dtype = resolve_dtype(dtype, torch_dtype)
+        if image_size is not None and image_size not in OFFICIAL_RECIPES:
+            raise ValueError(f"`image_size` must be one of {sorted(OFFICIAL_RECIPES)}, got {image_size}.")
         transformer = DiffiTTransformer2DModel.from_single_file(pretrained_model_link_or_path, torch_dtype=torch_dtype)
         if not isinstance(vae, AutoencoderKL):
             vae = AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
-        vae_factor = _vae_scale_factor(vae)
+        vae_factor = vae_scale_factor(vae)
         native_size = transformer.config.sample_size * vae_factor
         if image_size is None:
             image_size = native_size
@@ -163,12 +232,100 @@ class DiffiTPipeline(DiffusionPipeline):
                 image_size,
             )
         id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
-        return cls(transformer, official_scheduler(), vae=vae, id2label=id2label, **OFFICIAL_RECIPES[image_size])
+        return cls(
+            transformer, official_scheduler(), vae=vae, id2label=id2label, denoiser_type="ddpm",
+            **OFFICIAL_RECIPES[image_size],
+        )
+
+    def check_inputs(self, num_inference_steps, recipe: dict, output_type, callback_on_step_end_tensor_inputs):
+        """Every argument checked before any work; `recipe` is the guidance recipe with the defaults filled in."""
+        config = self.transformer.config
+        check_steps(num_inference_steps)
+        check_guidance_recipe(**recipe, in_channels=config.in_channels)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be from {self._callback_tensor_inputs}, got {unknown}."
+            )
+        if recipe["guidance_scale"] != 1 and config.num_classes == 0:
+            raise ValueError(
+                f"`guidance_scale` is {recipe['guidance_scale']} but this model is unconditional "
+                "(num_classes=0); classifier-free guidance needs a class-conditional model (use 1)."
+            )
+        if recipe["guidance_schedule"] == "power-cosine":
+            training_horizon(self.scheduler)  # raises for schedulers without discrete training timesteps
+        # the scheduler may have been changed in place since it was assigned
+        self.scheduler = check_scheduler(self.scheduler, self.denoiser_type)
+        if self._keeps_learned_variance() and config.out_channels != 2 * config.in_channels:
+            raise ValueError(
+                f"The scheduler has `variance_type={self.scheduler.config.variance_type!r}` but the model predicts "
+                f"no variance (out_channels={config.out_channels}, in_channels={config.in_channels}); use a fixed "
+                "variance type."
+            )
+
+    def prepare_class_labels(self, class_labels, num_images_per_label: int, device) -> torch.Tensor | None:
+        """Ids and names -> int64 [len · num_images_per_label] (each label repeated), or None (unconditional).
+
+        `class_labels` may be an int, a str, a list/tuple of them (also numpy integers and 0-d integer tensors), a
+        0-d/1-d integer tensor or numpy array, or None."""
+        if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+            raise ValueError(f"`num_images_per_label` must be an int >= 1, got {num_images_per_label!r}.")
+        num_classes = self.transformer.config.num_classes
+        if class_labels is None:
+            return None
+        if num_classes == 0:
+            raise ValueError("`class_labels` were given but this model is unconditional (num_classes=0); pass None.")
+        if isinstance(class_labels, np.ndarray):
+            class_labels = torch.from_numpy(class_labels) if class_labels.dtype.kind in "iu" else class_labels.tolist()
+        if torch.is_tensor(class_labels):
+            if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.ndim > 1:
+                raise ValueError(
+                    f"`class_labels` as a tensor must be 0-d or 1-d integers, got {class_labels.dtype} "
+                    f"of shape {tuple(class_labels.shape)}."
+                )
+            class_labels = class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, (str, numbers.Integral)):
+            class_labels = [class_labels]
+        if not isinstance(class_labels, (list, tuple)) or not class_labels:
+            raise ValueError(f"`class_labels` must be an int, a str, or a non-empty list of them, got {class_labels!r}.")
+        ids = []
+        for label in class_labels:
+            if torch.is_tensor(label) and label.ndim == 0 and not (label.is_floating_point() or label.is_complex()):
+                label = int(label)
+            if isinstance(label, str):
+                ids.extend(self.get_label_ids(label))
+            elif isinstance(label, numbers.Integral) and not isinstance(label, (bool, np.bool_)):
+                if not 0 <= label < num_classes:
+                    raise ValueError(f"Class id {label} in `class_labels` is outside [0, {num_classes}).")
+                ids.append(int(label))
+            else:
+                raise ValueError(f"`class_labels` entries must be ints or strings, got {label!r}.")
+        return torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)
+
+    def prepare_latents(self, batch: int, generator, latents: torch.Tensor | None, device) -> torch.Tensor:
+        """x_T: `latents`, or noise drawn from `generator`, times the scheduler's `init_noise_sigma`."""
+        config = self.transformer.config
+        shape = (batch, config.in_channels, config.sample_size, config.sample_size)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"`generator` is a list of {len(generator)}; it must have one per image ({batch}).")
+        if latents is None:
+            # drawn in float32 whatever the model's dtype: a seed gives the same image in fp16, bf16 and fp32
+            # (torch's CPU generator can draw a different sequence for reduced-precision dtypes)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"`latents` must have shape {shape} (batch, in_channels, side, side), got {tuple(latents.shape)}."
+            )
+        elif not torch.isfinite(latents).all():
+            raise ValueError("`latents` contains NaN or infinite values.")
+        return latents.to(device=device, dtype=self.transformer.dtype) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
+        class_labels: int | str | list[int | str] | torch.Tensor | np.ndarray | None = None,
         num_images_per_label: int = 1,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -185,11 +342,12 @@ class DiffiTPipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         r"""
         Args:
-            class_labels: class ids and/or names ("golden retriever", any synonym, case-insensitive), one or a list;
-                ids lie in [0, num_classes). None = unconditional (the null class of a class-conditional model).
+            class_labels: class ids and/or names ("golden retriever", any synonym, case-insensitive), one or a list
+                (or an integer tensor / numpy array); ids lie in [0, num_classes). None = unconditional (the null
+                class of a class-conditional model).
             num_images_per_label: images per entry of `class_labels` (the number of images when it is None).
             num_inference_steps: scheduler steps.
-            guidance_scale: w; 1 = no guidance (one forward per step instead of two).
+            guidance_scale: w >= 1; 1 = no guidance (one forward per step instead of two).
             guidance_schedule: "constant" (w(t) = w) or "power-cosine"
                 (w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)), t the training timestep; discrete-time schedulers).
             guidance_power: p of "power-cosine".
@@ -203,7 +361,9 @@ class DiffiTPipeline(DiffusionPipeline):
                 final sample).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             callback_on_step_end: `f(pipe, step, t, callback_kwargs) -> dict` after every step (a tensor it returns
-                under "latents" replaces the latents), or a `PipelineCallback` / `MultiPipelineCallbacks`.
+                under "latents" replaces the latents), or a `PipelineCallback` / `MultiPipelineCallbacks` such as
+                diffusers' `SDCFGCutoffCallback`. It may change the live recipe (`pipe._guidance_scale`,
+                `_guidance_schedule`, `_guidance_power`, `_guided_channels`, `_guidance_interval`) for the next steps.
             callback_on_step_end_tensor_inputs: tensors passed in `callback_kwargs` (from `_callback_tensor_inputs`).
 
         Every recipe argument left as None takes the pipeline's config value (`pipe.config.guidance_scale`, ...).
@@ -217,153 +377,84 @@ class DiffiTPipeline(DiffusionPipeline):
         >>> image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # official recipe
         ```
         """
-        config = self.transformer.config
-        channels, side = config.in_channels, config.sample_size
+        # 1. Check inputs, the recipe's defaults filled in from the config
         cfg = self.config
         num_inference_steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
-        _check_steps(num_inference_steps)
-        recipe = check_guidance_recipe(
-            cfg.guidance_scale if guidance_scale is None else guidance_scale,
-            cfg.guidance_schedule if guidance_schedule is None else guidance_schedule,
-            cfg.guidance_power if guidance_power is None else guidance_power,
-            cfg.guided_channels if guided_channels is None else guided_channels,
-            cfg.guidance_interval if guidance_interval is None else guidance_interval,
-            channels,
+        given = dict(
+            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, guidance_power=guidance_power,
+            guided_channels=guided_channels, guidance_interval=guidance_interval,
         )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        recipe = {key: cfg[key] if value is None else value for key, value in given.items()}
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` must be from {self._callback_tensor_inputs}, got {unknown}."
-            )
-        variance = self._variance_handling(config)
-        if recipe["guidance_scale"] != 1 and config.num_classes == 0:
-            raise ValueError(
-                f"`guidance_scale` is {recipe['guidance_scale']} but this model is unconditional "
-                "(num_classes=0); classifier-free guidance needs a class-conditional model (use 1)."
-            )
+        self.check_inputs(num_inference_steps, recipe, output_type, callback_on_step_end_tensor_inputs)
+        for key, value in check_guidance_recipe(**recipe, in_channels=self.transformer.config.in_channels).items():
+            setattr(self, f"_{key}", value)
+        self._interrupt = False
 
+        # 2. Labels and initial noise
         device = self._execution_device
-        labels = self._prepare_class_labels(class_labels, num_images_per_label, device)
+        config = self.transformer.config
+        labels = self.prepare_class_labels(class_labels, num_images_per_label, device)
         batch = num_images_per_label if labels is None else len(labels)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"`generator` is a list of {len(generator)}; it must have one per image ({batch}).")
-        shape = (batch, channels, side, side)
-        if latents is None:
-            # drawn in float32 whatever the model's dtype: a seed gives the same image in fp16, bf16 and fp32
-            # (torch's CPU generator can draw a different sequence for reduced-precision dtypes)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(
-                f"`latents` must have shape {shape} (batch, in_channels, side, side), got {tuple(latents.shape)}."
-            )
-        latents = latents.to(device=device, dtype=self.transformer.dtype) * self.scheduler.init_noise_sigma
-
-        guide = labels is not None and recipe["guidance_scale"] != 1
-        if labels is None and config.num_classes > 0:  # unconditional samples of a conditional model: nothing to guide
+        latents = self.prepare_latents(batch, generator, latents, device)
+        conditional = labels is not None
+        if not conditional and config.num_classes > 0:  # unconditional samples of a conditional model
             labels = torch.full((batch,), config.num_classes, device=device)
-        interval = recipe["guidance_interval"]
-        guided_channels = recipe["guided_channels"] or channels
-        horizon = None
-        if guide:
-            null = torch.full_like(labels, config.num_classes)
-            if recipe["guidance_schedule"] == "power-cosine":
-                horizon = training_horizon(self.scheduler)
+        null = torch.full((batch,), config.num_classes, device=device)
+        keep_variance = self._keeps_learned_variance()
 
+        # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        self._interrupt = False
+
+        # 4. Denoising loop
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 break
+            interval = self.guidance_interval
+            guided = conditional and self.do_classifier_free_guidance
+            guided = guided and (interval is None or interval[0] <= float(t) <= interval[1])
             model_input = self.scheduler.scale_model_input(latents, t)
-            guided = guide and (interval is None or interval[0] <= float(t) <= interval[1])
+            model_labels = torch.cat([labels, null]) if guided else labels
             if guided:
                 model_input = torch.cat([model_input, model_input])
-            model_labels = torch.cat([labels, null]) if guided else labels
             output = self.transformer(
                 model_input, t.expand(model_input.shape[0]), class_labels=model_labels, return_dict=False
             )[0]
             if guided:
-                weight = guidance_weight(
-                    float(t), recipe["guidance_scale"], recipe["guidance_schedule"], recipe["guidance_power"], horizon
+                output = apply_guidance(
+                    *output.chunk(2), self._guidance_weight(t), self.guided_channels or config.in_channels
                 )
-                output = apply_guidance(*output.chunk(2), weight, guided_channels)
-            if variance == "drop":
-                output = output[:, :channels]
+            if not keep_variance:
+                output = output[:, : config.in_channels]  # ε (or F_θ) alone; a no-op for models without variance
             latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
 
             if callback_on_step_end is not None:
-                tensors = {"latents": latents}
+                tensors = {"latents": latents, "prompt_embeds": model_labels}
                 callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                 latents = callback_outputs.pop("latents", latents)
 
+        # 5. Decode
         images = latents if output_type == "latent" else self._postprocess(self._decode(latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
 
-    def _variance_handling(self, config) -> str:
-        """'keep' the learned variance for DDPM's ancestral step, 'drop' it for every other scheduler, or 'none'."""
-        learned = config.out_channels == 2 * config.in_channels
-        # `from_config` carries foreign keys along, so only a scheduler whose __init__ takes `variance_type` uses it
-        takes_variance_type = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
-        variance_type = self.scheduler.config.variance_type if takes_variance_type else None
+    def _keeps_learned_variance(self) -> bool:
+        """Whether the scheduler reads the learned variance: DDPM's ancestral step with a learned variance type. Every
+        other scheduler gets ε (or F_θ) alone."""
         ddpm = isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler))
-        if ddpm and variance_type in _LEARNED_VARIANCE:
-            if not learned:
-                raise ValueError(
-                    f"The scheduler has `variance_type={variance_type!r}` but the model predicts no variance "
-                    f"(out_channels={config.out_channels}, in_channels={config.in_channels}); use a fixed variance type."
-                )
-            return "keep"
-        if variance_type in _LEARNED_VARIANCE and config.in_channels != 3:
-            # diffusers' DPM-Solver / SA-Solver read a learned variance type as "keep output channels [:3]".
-            raise ValueError(
-                f"{type(self.scheduler).__name__} with `variance_type={variance_type!r}` keeps only the first 3 model "
-                f"output channels, which breaks this {config.in_channels}-channel model. Create it with "
-                f"`variance_type=None`, e.g. `{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, "
-                "variance_type=None)`; the pipeline drops the learned variance itself."
-            )
-        return "drop" if learned else "none"
+        return ddpm and self.scheduler.config.variance_type in _LEARNED_VARIANCE
 
-    def _prepare_class_labels(self, class_labels, num_images_per_label: int, device) -> torch.Tensor | None:
-        """Ids and names -> int64 [len · num_images_per_label] (each label repeated), or None (unconditional)."""
-        if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int) or num_images_per_label < 1:
-            raise ValueError(f"`num_images_per_label` must be an int >= 1, got {num_images_per_label!r}.")
-        num_classes = self.transformer.config.num_classes
-        if class_labels is None:
-            return None
-        if num_classes == 0:
-            raise ValueError("`class_labels` were given but this model is unconditional (num_classes=0); pass None.")
-        if torch.is_tensor(class_labels):
-            if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.ndim > 1:
-                raise ValueError(
-                    f"`class_labels` as a tensor must be 0-d or 1-d integers, got {class_labels.dtype} "
-                    f"of shape {tuple(class_labels.shape)}."
-                )
-            class_labels = class_labels.reshape(-1).tolist()
-        if isinstance(class_labels, (str, numbers.Integral)):
-            class_labels = [class_labels]
-        if not isinstance(class_labels, (list, tuple)) or not class_labels:
-            raise ValueError(f"`class_labels` must be an int, a str, or a non-empty list of them, got {class_labels!r}.")
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str):
-                ids.extend(self.get_label_ids(label))
-            elif isinstance(label, numbers.Integral) and not isinstance(label, bool):
-                if not 0 <= label < num_classes:
-                    raise ValueError(f"Class id {label} in `class_labels` is outside [0, {num_classes}).")
-                ids.append(int(label))
-            else:
-                raise ValueError(f"`class_labels` entries must be ints or strings, got {label!r}.")
-        return torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)
+    def _guidance_weight(self, t: torch.Tensor) -> float:
+        """w(t) of the live recipe."""
+        horizon = training_horizon(self.scheduler) if self.guidance_schedule == "power-cosine" else None
+        return guidance_weight(float(t), self.guidance_scale, self.guidance_schedule, self.guidance_power, horizon)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final sample -> images in [-1, 1] (identity for pixel-space models)."""
@@ -385,11 +476,11 @@ class DiffiTPipeline(DiffusionPipeline):
         return images if output_type == "pt" else images.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _vae_scale_factor(vae: AutoencoderKL | None) -> int:
+def vae_scale_factor(vae: AutoencoderKL | None) -> int:
     """Image side / latent side (1 in pixel space)."""
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _check_steps(num_inference_steps) -> None:
+def check_steps(num_inference_steps) -> None:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
