@@ -257,8 +257,9 @@ def example_rows(pipe: DiffiTPipeline) -> list[list]:
     choices = class_choices(pipe)
     wanted = ["golden retriever", "volcano", "lesser panda", "macaw", "7", "3", "1"]
     picked = [name for name in wanted if name in choices][:2] or choices[:2]
-    fast = [name for name in scheduler_presets(pipe.denoiser_type)[1:]]
-    fast_scheduler = fast[-1] if fast and pipe.transformer.config.num_classes == 1000 else OWN_SCHEDULER
+    presets = scheduler_presets(pipe.denoiser_type)
+    # ImageNet's own recipe is 250 DDPM steps: the examples use DPM-Solver++ with 25 instead
+    fast_scheduler = "dpmsolver" if "dpmsolver" in presets and d.steps > 50 else OWN_SCHEDULER
     fast_steps = 25 if fast_scheduler != OWN_SCHEDULER else d.steps
     rows = [
         [picked, 4, fast_steps, d.guidance_scale, d.guidance_schedule, fast_scheduler, 0, False],
