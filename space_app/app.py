@@ -19,6 +19,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+try:  # ZeroGPU hardware: a GPU is attached for the duration of each decorated call (imported before torch)
+    import spaces
+except ImportError:
+    spaces = None
+
 import torch
 from PIL import Image
 
@@ -27,11 +32,6 @@ from diffusers_diffit.cli import make_grid
 from diffusers_diffit.guidance import training_horizon
 from diffusers_diffit.hub import download_pipeline
 from diffusers_diffit.schedulers import scheduler_from_preset, scheduler_presets
-
-try:  # ZeroGPU hardware: a GPU is attached for the duration of each decorated call
-    import spaces
-except ImportError:
-    spaces = None
 
 logger = logging.getLogger("diffit-space")
 
@@ -59,7 +59,7 @@ CSS = """
 _PIPE_LOCK = threading.Lock()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -143,7 +143,7 @@ def describe_model(pipe: DiffiTPipeline, info: ModelInfo) -> str:
             f"{side}×{side} px, {classes}) · **licence:** {info.license} · {card}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Choices offered for the model
 
 
@@ -179,7 +179,7 @@ def resolve_classes(pipe: DiffiTPipeline, classes: list[str] | str | None) -> li
         named = re.fullmatch(r"(.+?)\s*\((\d+)\)", text)
         if named and int(named[2]) in id2label and named[1].lower() in (n.lower() for n in id2label[int(named[2])]):
             ids.append(int(named[2]))
-        elif text.isdigit() and int(text) in id2label and text not in (n for names in id2label.values() for n in names):
+        elif text.isdigit() and int(text) in id2label and not any(text in names for names in id2label.values()):
             ids.append(int(text))
         else:
             try:
@@ -271,7 +271,7 @@ def example_rows(pipe: DiffiTPipeline) -> list[list]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Checking a request
 
 
@@ -296,7 +296,8 @@ def check_seed(seed, randomize: bool, rng: random.Random | None = None) -> int:
 
 
 def check_int(label: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value != int(value):
         raise ValueError(f"{label} must be a whole number from {low} to {high}, got {value!r}.")
     if not low <= value <= high:
         raise ValueError(f"{label} must be from {low} to {high}, got {int(value)}.")
@@ -317,7 +318,7 @@ def check_choice(label: str, value, choices: list[str]) -> str:
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Sampling
 
 
@@ -377,12 +378,14 @@ def check_request(
     scheduler = check_choice("Scheduler", scheduler, [value for _, value in scheduler_choices(pipe)])
     guidance_schedule = check_choice("Guidance schedule", guidance_schedule, ["constant", "power-cosine"])
     guided = ids and guidance_scale != 1
-    if guided and guidance_schedule == "power-cosine" and not supports_power_cosine(request_scheduler(pipe, scheduler)):
+    power_cosine = guidance_schedule == "power-cosine"
+    if guided and power_cosine and not supports_power_cosine(request_scheduler(pipe, scheduler)):
         raise ValueError(
             "The power-cosine guidance schedule needs a discrete-time scheduler (DDPM, DDIM, DPM-Solver, ...); "
             f"{scheduler_label(pipe, scheduler)} is not one. Choose the constant schedule."
         )
-    return Request(ids, per_class, steps, guidance_scale, guidance_schedule, scheduler, check_seed(seed, randomize_seed))
+    seed = check_seed(seed, randomize_seed)
+    return Request(ids, per_class, steps, guidance_scale, guidance_schedule, scheduler, seed)
 
 
 def scheduler_label(pipe: DiffiTPipeline, value: str) -> str:
@@ -425,7 +428,7 @@ def generate(pipe: DiffiTPipeline, *args, on_step=None, **kwargs) -> Result:
     return sample(pipe, check_request(pipe, *args, **kwargs), on_step=on_step)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The page
 
 INPUT_NAMES = ("classes", "images_per_class", "steps", "guidance_scale", "guidance_schedule", "scheduler", "seed",
@@ -508,7 +511,9 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
                 grid = gr.Image(label="Grid (one row per class)", type="pil", format="png", show_label=False,
                                 interactive=False, buttons=["download", "fullscreen"], elem_id="grid")
         inputs = [classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed]
-        gr.Examples(example_rows(pipe), inputs, label="Examples (seconds on a CPU with the digits model)")
+        pixel_space = pipe.vae is None and pipe.transformer.config.sample_size <= 32
+        gr.Examples(example_rows(pipe), inputs,
+                    label="Examples (about a second each on a CPU)" if pixel_space else "Examples")
         gr.Markdown(
             f"One request runs at a time (at most {QUEUE_SIZE} wait). Images are lossless PNGs at the model's "
             "resolution: open one in the gallery to download it. API: `gradio_client.Client(url).predict(..., "

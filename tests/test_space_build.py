@@ -10,7 +10,6 @@ os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-"))
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
 import importlib.metadata  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -26,19 +25,14 @@ from huggingface_hub import SpaceCard, SpaceHardware  # noqa: E402
 
 from diffusers_diffit import embedded_model_path  # noqa: E402
 
+from .test_space_app import load_module  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_space", ROOT / "space_app" / "build_space.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def builder():
-    return load_builder()
+    return load_module(ROOT / "space_app" / "build_space.py", "build_space")
 
 
 def card(folder: Path):

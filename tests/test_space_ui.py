@@ -53,7 +53,7 @@ def server(app):
 def chromium_path() -> str:
     path = os.environ.get("DIFFIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.fail("Chromium is not installed (apt-get install chromium); set DIFFIT_SKIP_UI=1 to skip browser tests.")
+        pytest.fail("Chromium is not installed (apt-get install chromium); DIFFIT_SKIP_UI=1 skips browser tests.")
     return path
 
 
@@ -65,7 +65,8 @@ def browser():
         browser = playwright.chromium.launch(
             executable_path=chromium_path(),
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions"],
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                  "--disable-extensions"],
         )
         yield browser
         browser.close()
@@ -81,7 +82,7 @@ def page(browser, server):
     page.close()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # What a person does
 
 
@@ -153,7 +154,7 @@ def png_files(page, sources: list[str]) -> list[bytes]:
     return [page.request.get(source).body() for source in sources]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Tests
 
 
