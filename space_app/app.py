@@ -536,6 +536,10 @@ def launch(demo, **kwargs):
 
 def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if DEVICE == "cpu":
+        # One thread by default: the digits model is too small to gain from more, and on a busy 2-core machine two
+        # threads took 28-45 s for the default request where one took 1.1 s (OpenMP threads waiting on each other).
+        torch.set_num_threads(int(os.environ.get("DIFFIT_CPU_THREADS", "1")))
     pipe, info = load_pipeline()
     logger.info("Serving %s (%s) on %s", info.name, info.license, DEVICE)
     launch(build_demo(pipe, info))

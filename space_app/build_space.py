@@ -115,7 +115,8 @@ Vahdat; ECCV 2024) through the `diffusers-diffit` package, whose source is in `d
   lossless PNGs at the model's resolution, one per class name, plus a grid.
 - Another model: set the Space variable `DIFFIT_MODEL` to a converted DiffiT pipeline (Hub id), or rebuild with
   `python space_app/build_space.py --output DIR --model ID_OR_FOLDER`. ImageNet models want a GPU: on ZeroGPU
-  hardware `spaces.GPU` is applied to the sampling function.
+  hardware `spaces.GPU` is applied to the sampling function. On a CPU the app uses one thread
+  (`DIFFIT_CPU_THREADS` to change).
 
 ## API
 
