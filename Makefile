@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test test-other-kernels bench gpu-check dist clean
+.PHONY: setup sample test test-other-kernels bench gpu-check dist space demo clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ test-other-kernels: setup
 		tests/test_pipeline.py tests/test_transformer.py tests/test_unet.py tests/test_edm.py \
 		tests/test_scheduler_compatibility.py tests/test_embedded.py
 
+# The Gradio Space: `make space` writes a deployable Space folder into space/ (the digits model; pass a Hub model
+# with `python space_app/build_space.py --output space --model ID`); `make demo` serves the app on 127.0.0.1:7860.
+space: setup
+	$(PY) space_app/build_space.py --output space
+
+demo: setup
+	$(PY) space_app/app.py
+
 bench: setup
 	$(PY) benchmarks/bench_transformer.py
 
@@ -44,4 +52,4 @@ dist: setup
 	DIFFIT_DIST=dist HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_packaging.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info space

@@ -1,71 +1,549 @@
-"""Gradio Space: sample from a DiffiT pipeline.
+"""Gradio Space: class-conditional sampling from a DiffiT pipeline.
 
-The model is `DIFFIT_MODEL` (a Hub id or local pipeline folder) when set, else the digits model shipped inside
-`diffusers-diffit`, which runs on a CPU Space in seconds. Run locally with `python space_app/app.py`.
+The model is `DIFFIT_MODEL` (a Hub id or a local pipeline folder) when set, else the one named in
+`space_config.json` next to this file (written by `build_space.py`), else the digits model shipped inside
+`diffusers-diffit`, which samples on a CPU in well under a second. Run locally with `python space_app/app.py`
+(or `make demo`); `space_app/build_space.py` turns this file into a deployable Space.
+
+Everything a request does is in plain functions (`generate`, `check_seed`, `resolve_classes`, ...) that raise
+`ValueError` with a readable message; `build_demo` only wires them to Gradio and turns those errors into `gr.Error`.
 """
 
+import json
+import logging
+import math
 import os
+import random
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:  # ZeroGPU hardware: a GPU is attached for the duration of each decorated call (imported before torch)
+    import spaces
+except ImportError:
+    spaces = None
 
 import torch
+from PIL import Image
 
 from diffusers_diffit import DiffiTPipeline, embedded_model_path
-from diffusers_diffit.cli import make_grid, parse_labels
+from diffusers_diffit.cli import make_grid
+from diffusers_diffit.guidance import training_horizon
+from diffusers_diffit.hub import download_pipeline
+from diffusers_diffit.schedulers import scheduler_from_preset, scheduler_presets
 
-MAX_IMAGES = 64
+logger = logging.getLogger("diffit-space")
+
+HERE = Path(__file__).resolve().parent
+SPACE_CONFIG = HERE / "space_config.json"
+PACKAGE_LICENSE = "apache-2.0"  # the licence of diffusers-diffit, and so of the digits model shipped inside it
+IMAGENET_LICENSE = "cc-by-nc-sa-4.0"  # NVIDIA's DiffiT weights; converted repositories carry it
+PAPER_URL = "https://arxiv.org/abs/2312.02139"
+
+MAX_SEED = 2**32 - 1
+MAX_IMAGES = 16  # per request, over all classes
+MAX_IMAGES_PER_CLASS = 8
+MAX_STEPS = 250  # the official ImageNet recipe's step count
+MAX_GUIDANCE = 10.0
+QUEUE_SIZE = 16  # requests waiting; more are turned away with a "queue is full" message
+CONCURRENCY = 1  # one request samples at a time: they share one model (and one GPU)
+OWN_SCHEDULER = "default"  # the scheduler choice that keeps the model's own scheduler
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+CSS = """
+#gallery img, #grid img { image-rendering: pixelated; }
+"""
 
-def load_pipeline(model: str | None = None) -> DiffiTPipeline:
-    model = model or os.environ.get("DIFFIT_MODEL") or embedded_model_path("digits")
+# One request at a time uses the pipeline: each one sets its own scheduler on it for the duration of the call.
+_PIPE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class ModelInfo:
+    """What the page says about the served model."""
+
+    model: str  # as given: a Hub id or a folder
+    name: str
+    license: str
+    card_url: str | None  # None: no card online
+    hub_id: str | None = None
+
+
+def configured_model() -> str | None:
+    """The model to serve: `DIFFIT_MODEL`, else `space_config.json`'s "model" (a folder relative to this file or a
+    Hub id), else None (the digits model shipped in the package)."""
+    if os.environ.get("DIFFIT_MODEL"):
+        return os.environ["DIFFIT_MODEL"]
+    if SPACE_CONFIG.is_file():
+        model = json.loads(SPACE_CONFIG.read_text(encoding="utf-8")).get("model")
+        if model and (HERE / model).is_dir():
+            return str(HERE / model)
+        return model
+    return None
+
+
+def card_license(folder: str | os.PathLike) -> str | None:
+    """The `license` in the model card (README.md) of a pipeline folder, if there is one."""
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(card).data.get("license")
+
+
+def model_license(folder: str | os.PathLike, num_classes: int, embedded: bool) -> str:
+    """The served model's licence: its card's, else the package's for the shipped model, else NVIDIA's weights'
+    licence for an ImageNet (1000-class) model, else "unknown"."""
+    license = card_license(folder)
+    if license:
+        return license
+    if embedded:
+        return PACKAGE_LICENSE
+    return IMAGENET_LICENSE if num_classes == 1000 else "unknown"
+
+
+def load_pipeline(model: str | None = None) -> tuple[DiffiTPipeline, ModelInfo]:
+    """The pipeline to serve (float16 on a GPU) and what the page says about it."""
+    from_space_config = model is None and not os.environ.get("DIFFIT_MODEL") and SPACE_CONFIG.is_file()
+    model = model or configured_model()
+    embedded = model is None
+    folder = embedded_model_path("digits") if embedded else download_pipeline(model)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
-    return DiffiTPipeline.from_pretrained(model, dtype=dtype).to(DEVICE)
+    pipe = DiffiTPipeline.from_pretrained(folder, dtype=dtype).to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    hub_id = None if embedded or os.path.isdir(model) else model
+    info = ModelInfo(
+        model=model or "digits",
+        name="digits, shipped with diffusers-diffit" if embedded else (hub_id or Path(model).name),
+        license=(json.loads(SPACE_CONFIG.read_text(encoding="utf-8")).get("license") if from_space_config else None)
+        or model_license(folder, pipe.transformer.config.num_classes, embedded),
+        card_url=PAPER_URL if embedded else (f"https://huggingface.co/{hub_id}" if hub_id else None),
+        hub_id=hub_id,
+    )
+    return pipe, info
 
 
-def generate(pipe: DiffiTPipeline, labels: str, images_per_label: int, steps: int, guidance_scale: float, seed: int):
-    """Comma-separated class ids / names -> a grid image, one row per label (empty labels: unconditional)."""
-    tokens = [token.strip() for token in labels.split(",") if token.strip()]
-    class_labels = parse_labels(tokens) if tokens else None
-    rows = len(tokens) if tokens else 1
-    if not 1 <= rows * images_per_label <= MAX_IMAGES:
-        raise ValueError(f"At most {MAX_IMAGES} images per request, asked for {rows * images_per_label}.")
-    generator = torch.Generator(DEVICE).manual_seed(int(seed))
-    images = pipe(
-        class_labels,
-        num_images_per_label=int(images_per_label),
-        num_inference_steps=int(steps),
-        guidance_scale=float(guidance_scale),
-        generator=generator,
-    ).images
-    return make_grid(images, int(images_per_label), upscale=max(1, 512 // (images[0].width * int(images_per_label))))
+def describe_model(pipe: DiffiTPipeline, info: ModelInfo) -> str:
+    """The model line of the page (markdown)."""
+    config = pipe.transformer.config
+    params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
+    side = config.sample_size * pipe.vae_scale_factor
+    classes = f"{config.num_classes} classes" if config.num_classes else "unconditional"
+    card = f"[model card]({info.card_url})" if info.card_url else "local folder, no card online"
+    if info.card_url == PAPER_URL:
+        card = (f"a {params:.2f} M-parameter DiffiT U-Net trained on scikit-learn's 8×8 digits (16×16 px); "
+                f"[paper]({PAPER_URL})")
+    return (f"**Model:** `{info.name}` ({type(pipe.transformer).__name__}, {params:.2f} M parameters, "
+            f"{side}×{side} px, {classes}) · **licence:** {info.license} · {card}")
 
 
-def build_demo(pipe: DiffiTPipeline):
+# ---------------------------------------------------------------------------------------------------------------------
+# Choices offered for the model
+
+
+def class_choices(pipe: DiffiTPipeline) -> list[str]:
+    """One entry per class: its first name, with the id added where the name also names another class ("crane
+    (134)"; "partridge (86)", which is also a synonym of class 82)."""
+    id2label = pipe.id2label
+    owners: dict[str, set[int]] = {}
+    for class_id, names in id2label.items():
+        for name in names:
+            owners.setdefault(name.lower(), set()).add(class_id)
+    return [
+        f"{names[0]} ({class_id})" if len(owners[names[0].lower()]) > 1 else names[0]
+        for class_id, names in id2label.items()
+    ]
+
+
+def resolve_classes(pipe: DiffiTPipeline, classes: list[str] | str | None) -> list[int]:
+    """Picked or typed class names -> class ids. Accepts any synonym (case-insensitive), "name (id)" as the picker
+    shows shared names, and bare ids. Unknown names raise `ValueError` with the closest matches."""
+    if classes is None or classes == "":
+        return []
+    if isinstance(classes, str):
+        classes = [classes]
+    id2label = pipe.id2label
+    ids = []
+    for entry in classes:
+        if not isinstance(entry, (str, int)) or isinstance(entry, bool):
+            raise ValueError(f"A class must be a name or a class id, got {entry!r}.")
+        text = str(entry).strip()
+        if not text:
+            continue
+        named = re.fullmatch(r"(.+?)\s*\((\d+)\)", text)
+        if named and int(named[2]) in id2label and named[1].lower() in (n.lower() for n in id2label[int(named[2])]):
+            ids.append(int(named[2]))
+        elif text.isdigit() and int(text) in id2label and not any(text in names for names in id2label.values()):
+            ids.append(int(text))
+        else:
+            try:
+                ids.extend(pipe.get_label_ids(text))
+            except ValueError as error:
+                names = class_choices(pipe)
+                hint = (f"This model's classes are {', '.join(names)}." if len(names) <= 20
+                        else "Type part of a name in the Classes box to search the list.")
+                message = str(error).replace(" No close match; see the pipeline's `id2label`.", "")
+                raise ValueError(f"{message} {hint}") from None
+    return ids
+
+
+def class_name(pipe: DiffiTPipeline, class_id: int | None) -> str:
+    if class_id is None:
+        return "unconditional"
+    return pipe.id2label[class_id][0]
+
+
+def random_classes(choices: list[str], count: int = 2, rng: random.Random | None = None) -> list[str]:
+    """`count` different classes drawn at random (fewer if the model has fewer)."""
+    return (rng or random).sample(choices, min(count, len(choices)))
+
+
+def scheduler_choices(pipe: DiffiTPipeline) -> list[tuple[str, str]]:
+    """(label, value) pairs: the model's own scheduler first, then the presets valid for what it was trained for."""
+    own = (f"{type(pipe.scheduler).__name__} (the model's own)", OWN_SCHEDULER)
+    return [own] + [(name, name) for name in scheduler_presets(pipe.denoiser_type)]
+
+
+def supports_power_cosine(scheduler) -> bool:
+    """The power-cosine guidance ramp needs a discrete-time scheduler (training timesteps 0…T-1)."""
+    try:
+        training_horizon(scheduler)
+    except ValueError:
+        return False
+    return True
+
+
+def guidance_schedules(pipe: DiffiTPipeline) -> list[str]:
+    """Guidance schedules that work with the model's scheduler family, the model's saved one first."""
+    valid = ["constant", "power-cosine"] if supports_power_cosine(pipe.scheduler) else ["constant"]
+    default = pipe.config.guidance_schedule
+    return [default] + [s for s in valid if s != default] if default in valid else valid
+
+
+@dataclass
+class Defaults:
+    """The model's saved recipe, as the controls' initial values."""
+
+    images_per_class: int
+    steps: int
+    guidance_scale: float
+    guidance_schedule: str
+    scheduler: str = OWN_SCHEDULER
+    seed: int = 0
+    classes: list[str] = field(default_factory=list)
+
+
+def recipe_defaults(pipe: DiffiTPipeline) -> Defaults:
+    choices = class_choices(pipe)
+    return Defaults(
+        images_per_class=4,
+        steps=min(pipe.config.num_inference_steps, MAX_STEPS),
+        guidance_scale=min(pipe.config.guidance_scale, MAX_GUIDANCE),
+        guidance_schedule=guidance_schedules(pipe)[0],
+        classes=choices[:2],
+    )
+
+
+def example_rows(pipe: DiffiTPipeline) -> list[list]:
+    """Examples for the page, in the order of `INPUT_NAMES`; on the digits model each takes about a second on a
+    CPU."""
+    d = recipe_defaults(pipe)
+    choices = class_choices(pipe)
+    wanted = ["golden retriever", "volcano", "lesser panda", "macaw", "7", "3", "1"]
+    picked = [name for name in wanted if name in choices][:2] or choices[:2]
+    presets = scheduler_presets(pipe.denoiser_type)
+    # ImageNet's own recipe is 250 DDPM steps: the examples use DPM-Solver++ with 25 instead
+    fast_scheduler = "dpmsolver" if "dpmsolver" in presets and d.steps > 50 else OWN_SCHEDULER
+    fast_steps = 25 if fast_scheduler != OWN_SCHEDULER else d.steps
+    rows = [
+        [picked, 4, fast_steps, d.guidance_scale, d.guidance_schedule, fast_scheduler, 0, False],
+        [choices[:8], 1, fast_steps, d.guidance_scale, d.guidance_schedule, fast_scheduler, 1, False],
+    ]
+    if pipe.transformer.config.num_classes > 0:
+        rows.append([picked[:1], 4, fast_steps, d.guidance_scale + 1.0, d.guidance_schedule, fast_scheduler, 2, False])
+    rows.append([[], 4, fast_steps, d.guidance_scale, d.guidance_schedule, fast_scheduler, 3, False])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking a request
+
+
+def check_seed(seed, randomize: bool, rng: random.Random | None = None) -> int:
+    """The seed to use: a fresh random one when `randomize`, else `seed` as an int in [0, MAX_SEED]."""
+    if randomize:
+        return (rng or random).randint(0, MAX_SEED)
+    allowed = f"a whole number from 0 to {MAX_SEED}"
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        raise ValueError(f"The seed is empty: enter {allowed}, or tick \"Randomize seed\".")
+    if isinstance(seed, str):
+        if not re.fullmatch(r"\s*\d+\s*", seed):
+            raise ValueError(f"The seed must be {allowed}, got {seed!r}.")
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, (int, float)):
+        raise ValueError(f"The seed must be {allowed}, got {seed!r}.")
+    if isinstance(seed, float) and (not math.isfinite(seed) or seed != int(seed)):
+        raise ValueError(f"The seed must be {allowed}, got {seed}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"The seed must be {allowed}; {int(seed)} is too {'large' if seed > 0 else 'small'}.")
+    return int(seed)
+
+
+def check_int(label: str, value, low: int, high: int) -> int:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value != int(value):
+        raise ValueError(f"{label} must be a whole number from {low} to {high}, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{label} must be from {low} to {high}, got {int(value)}.")
+    return int(value)
+
+
+def check_float(label: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{label} must be a number from {low} to {high}, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{label} must be from {low} to {high}, got {value}.")
+    return float(value)
+
+
+def check_choice(label: str, value, choices: list[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{label} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Request:
+    """A checked request: class ids (empty = unconditional) and the sampling settings."""
+
+    class_ids: list[int]
+    images_per_class: int
+    steps: int
+    guidance_scale: float
+    guidance_schedule: str
+    scheduler: str
+    seed: int
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    captions: list[str]
+    grid: Image.Image
+    seed: int
+
+
+def request_scheduler(pipe: DiffiTPipeline, name: str):
+    """A fresh scheduler for one request (the loaded one is never changed): a copy of the model's own, or a preset
+    built from its config."""
+    if name == OWN_SCHEDULER:
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+    return scheduler_from_preset(name, pipe.scheduler)
+
+
+def check_request(
+    pipe: DiffiTPipeline,
+    classes: list[str] | str | None,
+    images_per_class: int,
+    steps: int,
+    guidance_scale: float,
+    guidance_schedule: str,
+    scheduler: str,
+    seed: int | None,
+    randomize_seed: bool = False,
+) -> Request:
+    """The page's values -> a `Request`; a mistake raises `ValueError` saying, in plain words, what to change."""
+    ids = resolve_classes(pipe, classes)
+    if ids and not pipe.transformer.config.num_classes:
+        raise ValueError("This model is unconditional: leave the classes empty.")
+    per_class = check_int("Images per class", images_per_class, 1, MAX_IMAGES_PER_CLASS)
+    total = max(1, len(ids)) * per_class
+    if total > MAX_IMAGES:
+        raise ValueError(
+            f"That is {total} images ({len(ids)} classes × {per_class} per class); this Space makes at most "
+            f"{MAX_IMAGES} per request. Pick fewer classes or fewer images per class."
+        )
+    steps = check_int("Steps", steps, 1, MAX_STEPS)
+    guidance_scale = check_float("Guidance scale", guidance_scale, 1.0, MAX_GUIDANCE)
+    scheduler = check_choice("Scheduler", scheduler, [value for _, value in scheduler_choices(pipe)])
+    guidance_schedule = check_choice("Guidance schedule", guidance_schedule, ["constant", "power-cosine"])
+    guided = ids and guidance_scale != 1
+    power_cosine = guidance_schedule == "power-cosine"
+    if guided and power_cosine and not supports_power_cosine(request_scheduler(pipe, scheduler)):
+        raise ValueError(
+            "The power-cosine guidance schedule needs a discrete-time scheduler (DDPM, DDIM, DPM-Solver, ...); "
+            f"{scheduler_label(pipe, scheduler)} is not one. Choose the constant schedule."
+        )
+    seed = check_seed(seed, randomize_seed)
+    return Request(ids, per_class, steps, guidance_scale, guidance_schedule, scheduler, seed)
+
+
+def scheduler_label(pipe: DiffiTPipeline, value: str) -> str:
+    return dict((v, label) for label, v in scheduler_choices(pipe))[value]
+
+
+def sample(pipe: DiffiTPipeline, request: Request, on_step=None) -> Result:
+    """Run a checked request. `on_step(done, total)` is called after every denoising step."""
+
+    def callback(pipeline, step, timestep, tensors):
+        if on_step is not None:
+            on_step(step + 1, pipeline.num_timesteps)
+        return tensors
+
+    with _PIPE_LOCK:
+        loaded = pipe.scheduler
+        pipe.scheduler = request_scheduler(pipe, request.scheduler)
+        try:
+            images = pipe(
+                request.class_ids or None,
+                num_images_per_label=request.images_per_class,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                guidance_schedule=request.guidance_schedule,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+                callback_on_step_end=callback,
+            ).images
+        finally:
+            pipe.scheduler = loaded
+
+    per_class = request.images_per_class
+    captions = [class_name(pipe, class_id) for class_id in (request.class_ids or [None]) for _ in range(per_class)]
+    upscale = max(1, 512 // (images[0].width * per_class))
+    return Result(images, captions, make_grid(images, per_class, upscale), request.seed)
+
+
+def generate(pipe: DiffiTPipeline, *args, on_step=None, **kwargs) -> Result:
+    """`check_request` then `sample`: the arguments of `check_request` (classes, images_per_class, steps,
+    guidance_scale, guidance_schedule, scheduler, seed, randomize_seed) -> images, captions, grid and the seed used."""
+    return sample(pipe, check_request(pipe, *args, **kwargs), on_step=on_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The page
+
+INPUT_NAMES = ("classes", "images_per_class", "steps", "guidance_scale", "guidance_schedule", "scheduler", "seed",
+               "randomize_seed")
+
+
+def on_gpu(fn):
+    """`spaces.GPU` on ZeroGPU hardware (the `spaces` package is there); unchanged elsewhere."""
+    return spaces.GPU(duration=120)(fn) if spaces is not None else fn
+
+
+def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
     import gradio as gr
 
-    names = [names[0] for _, names in sorted(pipe.id2label.items())]
-    example = ", ".join(names[:3]) if names else ""
+    info = info or ModelInfo(model="?", name="custom pipeline", license="unknown", card_url=None)
+    d = recipe_defaults(pipe)
+    choices = class_choices(pipe)
+    conditional = pipe.transformer.config.num_classes > 0
 
-    def run(labels, images_per_label, steps, guidance_scale, seed):
+    def check(classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed):
+        """Runs before `run`, without outputs: a mistake shows as a message and the previous images stay."""
         try:
-            return generate(pipe, labels, images_per_label, steps, guidance_scale, seed)
-        except ValueError as error:  # bad label names, too many images: show the message, not a stack trace
-            raise gr.Error(str(error))
+            check_request(pipe, classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed,
+                          randomize_seed)
+        except ValueError as error:
+            raise gr.Error(str(error), duration=None, print_exception=False) from None
+
+    @on_gpu
+    def run(classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed,
+            progress=gr.Progress()):
+        """Sample images: returns the gallery (PNG files with their class names), the grid and the seed used."""
+        progress(0, desc="Starting")
+        try:
+            request = check_request(pipe, classes, images_per_class, steps, guidance_scale, guidance_schedule,
+                                    scheduler, seed, randomize_seed)
+            result = sample(pipe, request,
+                            on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
+        except ValueError as error:  # the user's mistake (API calls skip `check`): say what to change
+            raise gr.Error(str(error), duration=None, print_exception=False) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error("The GPU ran out of memory: ask for fewer images.", duration=None) from None
+        return list(zip(result.images, result.captions)), result.grid, result.seed
 
     with gr.Blocks(title="DiffiT") as demo:
-        gr.Markdown("# DiffiT: Diffusion Vision Transformers\nClass ids or names, comma-separated "
-                    f"(this model knows {len(names) or 'no'} classes).")
+        gr.Markdown(
+            "# DiffiT: Diffusion Vision Transformers\n"
+            "Class-conditional image generation with [DiffiT](" + PAPER_URL + ") (ECCV 2024) in diffusers "
+            "(`diffusers-diffit`).\n\n" + describe_model(pipe, info)
+        )
         with gr.Row():
-            with gr.Column():
-                labels = gr.Textbox(label="Classes", value=example)
-                per_label = gr.Slider(1, 16, value=4, step=1, label="Images per class")
-                steps = gr.Slider(1, 250, value=pipe.config.num_inference_steps, step=1, label="Steps")
-                guidance = gr.Slider(1.0, 10.0, value=pipe.config.guidance_scale, step=0.05, label="Guidance scale")
-                seed = gr.Number(value=0, precision=0, label="Seed")
-                button = gr.Button("Generate")
-            output = gr.Image(label="Samples", type="pil")
-        button.click(run, [labels, per_label, steps, guidance, seed], output)
+            with gr.Column(scale=2):
+                classes = gr.Dropdown(
+                    choices, value=d.classes if conditional else [], multiselect=True, filterable=True,
+                    allow_custom_value=True, label="Classes", elem_id="classes", interactive=conditional,
+                    info=(f"Type to search the model's {len(choices)} classes; empty = unconditional samples."
+                          if conditional else "This model is unconditional."),
+                )
+                random_button = gr.Button("Random classes", size="sm", elem_id="random-classes",
+                                          visible=conditional)
+                images_per_class = gr.Slider(1, MAX_IMAGES_PER_CLASS, value=d.images_per_class, step=1,
+                                             label="Images per class", elem_id="images-per-class",
+                                             info=f"At most {MAX_IMAGES} images per request.")
+                with gr.Row():
+                    seed = gr.Number(value=d.seed, precision=0, label="Seed", elem_id="seed",
+                                     info=f"0 to {MAX_SEED}")
+                    randomize_seed = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize-seed")
+                with gr.Accordion("Sampling settings (the model's saved recipe)", open=False):
+                    steps = gr.Slider(1, MAX_STEPS, value=d.steps, step=1, label="Steps", elem_id="steps")
+                    guidance_scale = gr.Slider(1.0, MAX_GUIDANCE, value=d.guidance_scale, step=0.05,
+                                               label="Guidance scale", elem_id="guidance-scale",
+                                               info="1 = no classifier-free guidance", interactive=conditional)
+                    guidance_schedule = gr.Dropdown(guidance_schedules(pipe), value=d.guidance_schedule,
+                                                    label="Guidance schedule", elem_id="guidance-schedule")
+                    scheduler = gr.Dropdown(scheduler_choices(pipe), value=d.scheduler, label="Scheduler",
+                                            elem_id="scheduler")
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Samples", format="png", columns=4, object_fit="contain", height="auto",
+                                     buttons=["download", "fullscreen"], interactive=False, elem_id="gallery")
+                grid = gr.Image(label="Grid (one row per class)", type="pil", format="png", show_label=False,
+                                interactive=False, buttons=["download", "fullscreen"], elem_id="grid")
+        inputs = [classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed]
+        pixel_space = pipe.vae is None and pipe.transformer.config.sample_size <= 32
+        gr.Examples(example_rows(pipe), inputs,
+                    label="Examples (about a second each on a CPU)" if pixel_space else "Examples")
+        gr.Markdown(
+            f"One request runs at a time (at most {QUEUE_SIZE} wait). Images are lossless PNGs at the model's "
+            "resolution: open one in the gallery to download it. API: `gradio_client.Client(url).predict(..., "
+            "api_name=\"/generate\")`, see the Space README."
+        )
+
+        generate_button.click(check, inputs, None, concurrency_limit=None, api_visibility="private").success(
+            run, inputs, [gallery, grid, seed], api_name="generate", concurrency_limit=CONCURRENCY,
+            show_progress_on=[gallery, grid],
+        )
+        random_button.click(lambda: random_classes(choices, random.randint(2, 4)), None, classes,
+                            api_visibility="private", queue=False)
     return demo
 
 
+def launch(demo, **kwargs):
+    """Queue with a concurrency limit and a bounded queue, then serve (kwargs go to `Blocks.launch`)."""
+    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY).launch(css=CSS, **kwargs)
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if DEVICE == "cpu":
+        # One thread by default: the digits model is too small to gain from more, and on a busy 2-core machine two
+        # threads took 28-45 s for the default request where one took 1.1 s (OpenMP threads waiting on each other).
+        torch.set_num_threads(int(os.environ.get("DIFFIT_CPU_THREADS", "1")))
+    pipe, info = load_pipeline()
+    logger.info("Serving %s (%s) on %s", info.name, info.license, DEVICE)
+    launch(build_demo(pipe, info))
+
+
 if __name__ == "__main__":
-    build_demo(load_pipeline()).launch()
+    main()
