@@ -22,6 +22,7 @@ from diffusers import (
 from PIL import Image
 
 from .embedded import embedded_model_path
+from .evaluation.evaluator import add_evaluate_parser, run_evaluate
 from .schedulers import EDMHeunScheduler
 
 logger = logging.getLogger("diffit")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--upscale", type=int, default=None,
                         help="nearest-neighbour zoom of each image (default: enough to make it at least 64 px)")
     sample.add_argument("--output", type=Path, default=Path("grid.png"))
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "sample":
         logger.info("wrote %s", sample(args))
+    elif args.command == "evaluate":
+        run_evaluate(args)
 
 
 if __name__ == "__main__":
