@@ -25,6 +25,7 @@ from .features import (
     InceptionFeatureExtractor,
     extract_features,
     load_images,
+    process_state,
     resolve_inception_weights,
 )
 from .metrics import FeatureStatistics, feature_statistics, frechet_distance, inception_score, precision_recall
@@ -199,9 +200,7 @@ def check_evaluate_args(args: argparse.Namespace) -> tuple[str, ...]:
 def run_evaluate(args: argparse.Namespace) -> dict:
     """`diffit evaluate`: validate, evaluate (split across processes under `accelerate launch`), print and save."""
     metrics = check_evaluate_args(args)
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     result = evaluate(args.samples, args.reference, metrics, args.batch_size,
                       args.device if state.num_processes == 1 else state.device, args.inception_weights,
                       args.dinov2_model, distributed=state.num_processes > 1)

@@ -156,9 +156,7 @@ def extract_features(
     device = torch.device(device) if device is not None else next(extractor.parameters(), torch.empty(0)).device
     start, stop, state = 0, len(images), None
     if distributed:
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = process_state()
         share = math.ceil(len(images) / state.num_processes)
         start, stop = min(state.process_index * share, len(images)), min((state.process_index + 1) * share, len(images))
     outputs = []
@@ -181,6 +179,20 @@ def extract_features(
     if isinstance(features, dict):
         return {k: v.numpy() for k, v in features.items()}
     return features.numpy()
+
+
+def process_state():
+    """accelerate's `PartialState` of this process; on CPUs `accelerate launch` needs ACCELERATE_USE_CPU=1 (else each
+    process would run alone, which is refused)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise ValueError(f"{launched} processes were launched but accelerate runs {state.num_processes}; on CPUs "
+                         "launch with ACCELERATE_USE_CPU=1.")
+    return state
 
 
 def _gather_in_order(features, total: int, share: int, state):
