@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> None:
     base = DiffiTPipeline.from_pretrained(args.model or embedded_model_path("digits"))
     family = model_family(base)
     if family == "discrete" and args.reference is None:
-        raise ValueError("`--reference` (an ADM reference batch .npz) is required for a discrete-time (ImageNet) model.")
+        raise ValueError("`--reference` (an ADM reference batch .npz) is required for a discrete-time (ImageNet) "
+                         "model.")
     scorer = DigitsScorer(args) if args.reference is None else FIDScorer(args, base)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for name in args.samplers:
@@ -211,7 +212,9 @@ def run(args: argparse.Namespace) -> None:
             for mode in args.guidance:
                 kwargs, guided = guidance_recipe(pipe, mode, steps, args.interval_sigmas, args.interval_scale)
                 real_calls = len(call_sigmas(pipe, steps)[0])
-                label = mode if mode != "interval" or args.interval_scale is None else f"interval w={args.interval_scale:g}"
+                label = mode
+                if mode == "interval" and args.interval_scale is not None:
+                    label = f"interval w={args.interval_scale:g}"
                 for seed in args.seeds:
                     start = time.time()
                     metrics = scorer(pipe, steps, seed, kwargs)
@@ -242,7 +245,11 @@ class FIDScorer:
 
     def __init__(self, args, base):
         from diffusers_diffit.evaluation import (
-            FeatureStatistics, InceptionFeatureExtractor, extract_features, feature_statistics, load_images,
+            FeatureStatistics,
+            InceptionFeatureExtractor,
+            extract_features,
+            feature_statistics,
+            load_images,
             reference_statistics,
         )
 
@@ -350,7 +357,8 @@ def main(argv=None) -> None:
     r.add_argument("--calls", type=int, nargs="+", default=[6, 8, 10, 12])
     r.add_argument("--guidance", nargs="+", choices=GUIDANCE_MODES, default=["full", "interval"])
     r.add_argument("--interval-sigmas", type=float, nargs=2, default=[0.28, 5.42], metavar=("SIGMA_LO", "SIGMA_HI"))
-    r.add_argument("--interval-scale", type=float, default=None, help="w inside the interval (default: the pipeline's)")
+    r.add_argument("--interval-scale", type=float, default=None,
+                   help="w inside the interval (default: the pipeline's)")
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--per-class", type=int, default=50)
     r.add_argument("--reference", default=None, help="ADM reference .npz: score FID instead of the digits judge")

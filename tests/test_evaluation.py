@@ -90,7 +90,8 @@ def test_frechet_distance_with_singular_covariances_is_the_closed_form():
     shift[10] = 2.0
     assert frechet_distance(a + shift, a) == pytest.approx(4.0, abs=1e-9)  # only the means differ
     # two Gaussians with diagonal covariances: Σ (√s_a − √s_b)² + ‖Δμ‖²
-    sa, sb = FeatureStatistics(np.zeros(3), np.diag([1.0, 4.0, 0.0])), FeatureStatistics(np.ones(3), np.diag([4.0, 1.0, 9.0]))
+    sa = FeatureStatistics(np.zeros(3), np.diag([1.0, 4.0, 0.0]))
+    sb = FeatureStatistics(np.ones(3), np.diag([4.0, 1.0, 9.0]))
     assert frechet_distance(sa, sb) == pytest.approx(3 + 1 + 1 + 9, abs=1e-12)
 
 
@@ -283,8 +284,8 @@ def test_dinov2_wrapper_returns_the_normed_cls_token():
 
     from diffusers_diffit.evaluation import DINOv2FeatureExtractor
 
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                       patch_size=14, image_size=28)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=14, image_size=28)
     model = transformers.Dinov2Model(config).eval()
     extractor = DINOv2FeatureExtractor(model, resolution=28)
     features = extract_features(_images(3, 4, side=20), extractor, batch_size=2, progress=False)["dinov2"]
@@ -325,7 +326,8 @@ def test_compute_metrics_uses_reference_statistics_like_adm():
 def fid_reference_stats(features: np.ndarray, stats: FeatureStatistics) -> float:
     cov = np.cov(features, rowvar=False)
     root = sqrtm(cov @ stats.sigma).real
-    return float(((features.mean(0) - stats.mu) ** 2).sum() + np.trace(cov) + np.trace(stats.sigma) - 2 * np.trace(root))
+    mean_term = ((features.mean(0) - stats.mu) ** 2).sum()
+    return float(mean_term + np.trace(cov) + np.trace(stats.sigma) - 2 * np.trace(root))
 
 
 @pytest.fixture

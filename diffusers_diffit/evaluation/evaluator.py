@@ -28,7 +28,7 @@ from .features import (
     process_state,
     resolve_inception_weights,
 )
-from .metrics import FeatureStatistics, feature_statistics, frechet_distance, inception_score, precision_recall
+from .metrics import FeatureStatistics, frechet_distance, inception_score, precision_recall
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--reference", required=True,
                         help="reference npz (e.g. VIRTUAL_imagenet256_labeled.npz; its mu/sigma/mu_s/sigma_s are "
                              "used when present) or a folder of images")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated, from {','.join(METRICS)}")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"comma-separated, from {','.join(METRICS)}")
     parser.add_argument("--batch-size", type=int, default=100, help="images per feature-extraction batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--inception-weights", default=None,
@@ -193,7 +194,9 @@ def check_evaluate_args(args: argparse.Namespace) -> tuple[str, ...]:
     if any(FEATURE_OF[m] != "dinov2" for m in metrics):
         resolve_inception_weights(args.inception_weights)  # FileNotFoundError with the download command
     if args.output is not None and not args.output.parent.is_dir():
-        raise FileNotFoundError(f"`--output` {str(args.output)!r}: the folder {str(args.output.parent)!r} does not exist.")
+        raise FileNotFoundError(
+            f"`--output` {str(args.output)!r}: the folder {str(args.output.parent)!r} does not exist."
+        )
     return metrics
 
 

@@ -6,7 +6,8 @@ a tensor [B, D] or a dict {name: tensor [B, D_name]}; `extract_features` returns
 
 - `InceptionFeatureExtractor`: torch-fidelity's PyTorch port of the TF Inception-v3 graph ADM uses
   (`classify_image_graph_def.pb`, 2015-12-05), with its weights file. Preprocessing as in that graph, done by
-  torch-fidelity: TF 1.x bilinear resize to 299 × 299 (align_corners=False, no half-pixel centres), (x − 128)/128. Outputs "pool" (`pool_3`,
+  torch-fidelity: TF 1.x bilinear resize to 299 × 299 (align_corners=False, no half-pixel centres), (x − 128)/128.
+  Outputs "pool" (`pool_3`,
   2048), "spatial" (the first 7 channels of `mixed_6/conv` = `Mixed_6d.branch1x1` after its ReLU, 17 × 17, flattened
   in ADM's NHWC order: 2023) and "logits" (pool @ W of `softmax/logits` without the bias, 1008 classes, as ADM's
   Inception Score).
@@ -158,7 +159,8 @@ def extract_features(
     if distributed:
         state = process_state()
         share = math.ceil(len(images) / state.num_processes)
-        start, stop = min(state.process_index * share, len(images)), min((state.process_index + 1) * share, len(images))
+        start = min(state.process_index * share, len(images))
+        stop = min(start + share, len(images))
     outputs = []
     show = progress and (state is None or state.is_local_main_process)
     for b0 in tqdm(range(start, stop, batch_size), desc="features", disable=not show):
@@ -168,8 +170,8 @@ def extract_features(
         outputs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
     if not outputs:  # a process with an empty share (more processes than images)
         probe = extractor(torch.from_numpy(np.array(images[:1])).to(device).permute(0, 3, 1, 2))
-        empty = {k: v[:0].float().cpu() for k, v in probe.items()} if isinstance(probe, dict) else probe[:0].float().cpu()
-        outputs.append(empty)
+        outputs.append({k: v[:0].float().cpu() for k, v in probe.items()} if isinstance(probe, dict)
+                       else probe[:0].float().cpu())
     if isinstance(outputs[0], dict):
         features = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
     else:

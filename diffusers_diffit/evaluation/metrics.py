@@ -157,7 +157,7 @@ def manifold_radii(
     return _squared_radii(x, k, block_size).sqrt().cpu().numpy().astype(np.float64)
 
 
-def _coverage(points: torch.Tensor, centres: torch.Tensor, squared_radii: torch.Tensor, block_size: int) -> torch.Tensor:
+def _coverage(points: torch.Tensor, centres: torch.Tensor, squared_radii: torch.Tensor, block_size: int):
     """For each point [n, D]: is it within the ball of some centre c_j (‖p − c_j‖² <= r_j²)? bool [n]."""
     inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
     for r0, r1 in _blocks(len(points), block_size):
