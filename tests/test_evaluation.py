@@ -251,9 +251,15 @@ def test_images_from_a_folder(tmp_path):
     for i, pixels in enumerate(images):
         Image.fromarray(pixels).save(tmp_path / f"{i:03d}.png")
     Image.fromarray(images[0, ..., 0]).save(tmp_path / "003.png")  # grayscale -> RGB
-    loaded = load_images(tmp_path)
+    loaded = load_images(tmp_path)  # read lazily, a slice at a time
+    assert len(loaded) == 4 and loaded.shape == (4, 8, 8, 3)
     np.testing.assert_array_equal(loaded[:3], images)
-    np.testing.assert_array_equal(loaded[3], np.repeat(images[0, ..., :1], 3, axis=-1))
+    np.testing.assert_array_equal(loaded[3:][0], np.repeat(images[0, ..., :1], 3, axis=-1))
+    features = extract_features(loaded, TinyExtractor(), batch_size=3, progress=False)
+    np.testing.assert_allclose(features["pool"], extract_features(loaded[:], TinyExtractor(), progress=False)["pool"])
+    Image.fromarray(_images(1, 3, side=9)[0]).save(tmp_path / "004.png")
+    with pytest.raises(ValueError, match="004.png"):
+        extract_features(load_images(tmp_path), TinyExtractor(), batch_size=2, progress=False)
 
 
 def test_inception_wrapper_keeps_adms_spatial_layout():

@@ -64,6 +64,42 @@ def check_images(images, name: str = "images") -> np.ndarray:
     return images.astype(np.uint8)
 
 
+class ImageFiles:
+    """The image files of a folder (sorted by name) as a lazy uint8 [N, H, W, 3] array: `images[a:b]` reads only
+    those files (grayscale replicated to RGB); every image must have the first one's size."""
+
+    def __init__(self, folder: Path, name: str = "images"):
+        self.files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.name = name
+        if not self.files:
+            raise ValueError(f"`{name}` {str(folder)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        self.shape = (len(self.files), *self._read(self.files[0]).shape)
+
+    def _read(self, file: Path) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(file) as image:
+            return np.asarray(image.convert("RGB"))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError("ImageFiles supports slices only, e.g. images[0:100].")
+        out = []
+        for file in self.files[index]:
+            pixels = self._read(file)
+            if pixels.shape != self.shape[1:]:
+                raise ValueError(f"`{self.name}`: {file.name} is {pixels.shape}, the first image {self.shape[1:]}.")
+            out.append(pixels)
+        return np.stack(out) if out else np.empty((0, *self.shape[1:]), dtype=np.uint8)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        images = self[:]
+        return images if dtype is None else images.astype(dtype)
+
+
 def _npz_member_offset(path: Path, key: str) -> tuple[int, tuple, np.dtype] | None:
     """(byte offset, shape, dtype) of the uncompressed array `key` inside the npz at `path`, for a memory map;
     None when it is compressed or Fortran-ordered."""
@@ -90,24 +126,12 @@ def _npz_member_offset(path: Path, key: str) -> tuple[int, tuple, np.dtype] | No
 
 def load_images(path: str | os.PathLike, name: str = "--samples") -> np.ndarray:
     """uint8 [N, H, W, 3] from an ADM npz (`arr_0`; memory-mapped when stored uncompressed, as `np.savez` writes)
-    or from a folder of image files (sorted by name, grayscale replicated to RGB, all one size)."""
+    or from a folder of image files (`ImageFiles`: read batch by batch, sorted by name, all one size)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"`{name}` {str(path)!r} does not exist.")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise ValueError(f"`{name}` {str(path)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
-        from PIL import Image
-
-        first = np.asarray(Image.open(files[0]).convert("RGB"))
-        images = np.empty((len(files), *first.shape), dtype=np.uint8)
-        for i, file in enumerate(tqdm(files, desc=f"reading {path.name}", leave=False)):
-            pixels = np.asarray(Image.open(file).convert("RGB"))
-            if pixels.shape != first.shape:
-                raise ValueError(f"`{name}`: {file.name} is {pixels.shape}, the first image {first.shape}.")
-            images[i] = pixels
-        return images
+        return ImageFiles(path, name)
     if path.suffix != ".npz":
         raise ValueError(f"`{name}` must be an .npz file or a folder of images, got {str(path)!r}.")
     with np.load(path) as npz:
@@ -153,7 +177,8 @@ def extract_features(
     process gets all N rows back, in order (accelerate's `gather`)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
-    images = check_images(images) if not isinstance(images, np.memmap) else images
+    if not isinstance(images, (np.memmap, ImageFiles)):  # those are checked when opened / read
+        images = check_images(images)
     device = torch.device(device) if device is not None else next(extractor.parameters(), torch.empty(0)).device
     start, stop, state = 0, len(images), None
     if distributed:
