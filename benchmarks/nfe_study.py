@@ -317,31 +317,42 @@ def report(args: argparse.Namespace) -> None:
 
 
 def plot(groups: dict, metric: str, path: Path, base_mean, base_std) -> None:
+    """One panel per guidance mode: the metric (mean over draws, log scale) against model calls, one line per sampler
+    (same colour in every panel), the baseline ± its draw-to-draw std as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter, ScalarFormatter
 
-    modes = sorted({mode for _, mode, _ in groups})
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), sharey=True, squeeze=False)
+    modes = sorted({mode for _, mode, _ in groups}, key=lambda m: (m != "full", m))
+    names = sorted({name for name, _, _ in groups})
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.2), sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        for name in sorted({n for n, m, _ in groups if m == mode}):
+        for name in names:
             points = sorted((c, np.mean([r[metric] for r in rs]))
                             for (n, m, c), rs in groups.items() if n == name and m == mode)
-            ax.plot(*zip(*points), marker="o", label=name)
+            if points:
+                ax.plot(*zip(*points), marker="o", color=colours[name], label=name)
         if base_mean is not None:
-            ax.axhline(base_mean, color="k", lw=1, ls="--", label="35-call baseline")
+            ax.axhline(base_mean, color="k", lw=1, ls="--", label="baseline")
             if base_std is not None:
-                ax.axhspan(base_mean - base_std, base_mean + base_std, color="k", alpha=0.1)
+                ax.axhspan(base_mean - base_std, base_mean + base_std, color="k", alpha=0.12)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xticks([5, 6, 8, 10, 12, 18, 35])
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("model calls")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        ax.set_xlabel("model calls (sequential network evaluations)")
         ax.set_title(f"guidance: {mode}")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} (lower is better)")
-    axes[0][0].set_ylim(top=min(ax.get_ylim()[1], 4 * base_mean) if base_mean else None)
-    axes[0][-1].legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"{metric}, mean over draws (lower is better)")
+    if base_mean is not None:
+        axes[0][0].set_ylim(0.8 * base_mean, 8 * base_mean)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     logger.info("wrote %s", path)
