@@ -313,12 +313,15 @@ def report(args: argparse.Namespace) -> None:
         noise = f" ± {base_std:.3f} (std over {len(baseline)} draws)" if base_std is not None else ""
         print(f"\nbaseline {' / '.join(args.baseline)}: {metric} {base_mean:.3f}{noise}")
     if args.plot:
-        plot(groups, metric, args.plot, base_mean, base_std)
+        seed = min(r["seed"] for r in records)  # one draw that every point has: same noise and labels everywhere
+        first = {key: [r for r in rs if r["seed"] == seed] for key, rs in groups.items()}
+        base_first = by_seed.get(seed)
+        plot({k: v for k, v in first.items() if v}, metric, args.plot, base_first, base_std, seed)
 
 
-def plot(groups: dict, metric: str, path: Path, base_mean, base_std) -> None:
-    """One panel per guidance mode: the metric (mean over draws, log scale) against model calls, one line per sampler
-    (same colour in every panel), the baseline ± its draw-to-draw std as a band."""
+def plot(groups: dict, metric: str, path: Path, base_mean, base_std, seed: int) -> None:
+    """One panel per guidance mode: the metric of draw `seed` (log scale) against model calls, one line per sampler
+    (same colour in every panel); the baseline's value in that draw ± its draw-to-draw std as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +353,7 @@ def plot(groups: dict, metric: str, path: Path, base_mean, base_std) -> None:
         ax.set_title(f"guidance: {mode}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(f"{metric}, mean over draws (lower is better)")
+    axes[0][0].set_ylabel(f"{metric}, draw {seed} (lower is better)")
     if base_mean is not None:
         axes[0][0].set_ylim(0.8 * base_mean, 8 * base_mean)
     fig.tight_layout()
