@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from .embedded import embedded_model_path
+from .evaluation.evaluator import add_evaluate_parser, run_evaluate
 from .labels import imagenet_id2label, lookup_label_ids, normalize_id2label
 from .schedulers.compatibility import PRESETS, scheduler_presets
 from .utils import is_finite_number
@@ -74,6 +75,20 @@ def guidance_scale(text: str) -> float:
     if not is_finite_number(value) or value < 1:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a finite number >= 1 (1 = no guidance)")
     return value
+
+
+def parse_guidance_interval(tokens: list[str] | None) -> list[float] | str | None:
+    """`LOW HIGH` -> [low, high]; `all` -> "all" (guidance at every step); None -> None (the pipeline's)."""
+    if tokens is None or tokens == ["all"]:
+        return None if tokens is None else "all"
+    try:
+        values = [float(token) for token in tokens]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not all(map(is_finite_number, values)) or values[0] > values[1]:
+        raise UsageError("--guidance-interval", f"invalid value {' '.join(tokens)!r}: give LOW HIGH (finite, "
+                                                "LOW <= HIGH) or 'all'")
+    return values
 
 
 def output_path(text: str) -> Path:
@@ -133,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=integer(1), default=None, help="scheduler steps (default: the pipeline's)")
     sample.add_argument("--guidance-scale", type=guidance_scale, default=None,
                         help="classifier-free guidance w >= 1, 1 = none (default: the pipeline's)")
+    sample.add_argument("--guidance-interval", nargs="+", default=None, metavar="T",
+                        help="guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units), or 'all' "
+                        "for every step (default: the pipeline's)")
     sample.add_argument("--scheduler", choices=list(PRESETS), default=None, metavar="NAME",
                         help="replace the pipeline's scheduler by a preset that can drive its model: "
                         + ", ".join(f"{kind}: {' '.join(scheduler_presets(kind))}" for kind in ("edm", "ddpm")))
@@ -144,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"image file to write ({', '.join(sorted(OUTPUT_FORMATS))}; default grid.png)")
     sample.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
     sample.set_defaults(run=sample_command)
+    evaluate = add_evaluate_parser(commands)
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
+    evaluate.set_defaults(run=run_evaluate)
     return parser
 
 
@@ -238,6 +259,7 @@ def check_sample_args(args: argparse.Namespace) -> ModelInfo:
     """Everything about `diffit sample`'s arguments that depends on the model, from its saved configuration."""
     info = read_model_info(resolve_model(args.model))
     args.class_ids = check_labels(parse_labels(args.labels), info)
+    args.interval = parse_guidance_interval(args.guidance_interval)
     total = args.num_images_per_label * (len(args.class_ids) if args.class_ids else 1)
     if total > MAX_IMAGES:
         raise UsageError("--num-images-per-label", f"{total} images asked for; at most {MAX_IMAGES} per run")
@@ -282,6 +304,7 @@ def sample_command(args: argparse.Namespace) -> Path:
         num_images_per_label=args.num_images_per_label,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.interval,
         generator=generator,
     ).images
     upscale = args.upscale or max(1, math.ceil(64 / images[0].width))
@@ -301,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"{parser.prog} {args.command}"
     try:
         args.run(args)
-    except UsageError as error:
+    except (UsageError, ValueError, FileNotFoundError) as error:  # a mistake in the arguments or the user's files
         if args.debug:
             raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001 - anything else: one line, the traceback with --debug
         if args.debug:

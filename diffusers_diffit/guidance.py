@@ -24,7 +24,7 @@ def check_guidance_recipe(
     guidance_schedule: str,
     guidance_power: float,
     guided_channels: int | None,
-    guidance_interval: tuple[float, float] | list[float] | None,
+    guidance_interval: tuple[float, float] | list[float] | str | None,
     in_channels: int,
 ) -> dict:
     """Validate a guidance recipe; returns it normalised (numbers as floats/ints, the interval as a list or None)."""
@@ -41,6 +41,8 @@ def check_guidance_recipe(
             f"`guided_channels` must be None (all) or an int in [1, {in_channels}] (the model's in_channels), "
             f"got {guided_channels!r}."
         )
+    if isinstance(guidance_interval, str) and guidance_interval == "all":  # every step, overriding a saved interval
+        guidance_interval = None
     if guidance_interval is not None:
         if (
             not isinstance(guidance_interval, (tuple, list))
@@ -49,7 +51,8 @@ def check_guidance_recipe(
             or guidance_interval[0] > guidance_interval[1]
         ):
             raise ValueError(
-                f"`guidance_interval` must be None or (t_low, t_high) with t_low <= t_high, got {guidance_interval!r}."
+                f"`guidance_interval` must be None, 'all' or (t_low, t_high) with finite t_low <= t_high, got "
+                f"{guidance_interval!r}."
             )
         guidance_interval = [float(x) for x in guidance_interval]
     return dict(

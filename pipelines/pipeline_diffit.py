@@ -347,7 +347,7 @@ class DiffiTPipeline(DiffusionPipeline):
         guidance_schedule: str | None = None,
         guidance_power: float | None = None,
         guided_channels: int | None = None,
-        guidance_interval: tuple[float, float] | list[float] | None = None,
+        guidance_interval: tuple[float, float] | list[float] | str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -368,7 +368,7 @@ class DiffiTPipeline(DiffusionPipeline):
             guidance_power: p of "power-cosine".
             guided_channels: how many leading latent channels are guided (3 = the release); `in_channels` = all.
             guidance_interval: (t_low, t_high) in the units of `scheduler.timesteps`: no guidance (and no
-                unconditional forward) at steps with t outside it. None = every step.
+                unconditional forward) at steps with t outside it; "all" = every step. None = the pipeline's.
             generator: one generator, or one per image.
             latents: initial noise [batch, in_channels, sample_size, sample_size] (scaled by the scheduler's
                 `init_noise_sigma`, like freshly drawn noise).

@@ -53,6 +53,8 @@ BAD = [  # (arguments, option named in the one-line message, words of the messag
     (["--output", "some_dir/"], "--output", "is a directory"),
     (["--output", "/proc/grid.png"], "--output", "not a writable directory"),
     (["--upscale", "-2"], "--upscale", "in [1, 64]"),
+    (["--guidance-interval", "0.5"], "--guidance-interval", "give LOW HIGH"),
+    (["--guidance-interval", "1", "nan"], "--guidance-interval", "give LOW HIGH"),
     (["--scheduler", "ddim"], "--scheduler", "cannot drive this 'edm' model"),
     (["--scheduler", "nope"], "--scheduler", "invalid choice: 'nope'"),
     (["--seed", "123456789012345678901234"], "--seed", "must be in [0, 18446744073709551615]"),
@@ -121,6 +123,9 @@ def test_scheduler_presets_are_built_for_the_loaded_model(imagenet_like, tmp_pat
     assert cli_main(["sample", "--labels", "5", "--num-images-per-label", "1", "--steps", "3", "--scheduler",
                      "edm-euler", "--upscale", "1", "--output", str(tmp_path / "euler.png")]) == 0
     assert Image.open(tmp_path / "euler.png").size == (16, 16)
+    # the digits model's earlier recipe: EDM Heun, 18 steps (35 calls), guidance at every step
+    assert cli_main(["sample", "--labels", "5", "--num-images-per-label", "1", "--scheduler", "edm-heun", "--steps",
+                     "18", "--guidance-interval", "all", "--output", str(tmp_path / "heun.png")]) == 0
 
 
 def test_help_lists_the_options_and_presets():

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import EDMDPMSolverMultistepScheduler
 from sklearn.svm import SVC
 
 import diffusers_diffit
-from diffusers_diffit import DiffiTPipeline, DiffiTUNet2DModel, EDMHeunScheduler, embedded_model_path
+from diffusers_diffit import DiffiTPipeline, DiffiTUNet2DModel, embedded_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -56,7 +57,7 @@ def test_embedded_model_path_errors():
 
 def test_loads_offline_with_the_right_components(pipe):
     assert isinstance(pipe.transformer, DiffiTUNet2DModel)
-    assert isinstance(pipe.scheduler, EDMHeunScheduler)
+    assert isinstance(pipe.scheduler, EDMDPMSolverMultistepScheduler)  # the 12-call recipe of benchmarks/nfe_study.py
     assert pipe.vae is None
     assert pipe.transformer.config.num_classes == 10 and pipe.transformer.config.sample_size == 16
     assert pipe.get_label_ids("7") == [7]

@@ -351,6 +351,22 @@ def test_guidance_interval_skips_the_unconditional_pass():
 
 
 @torch.no_grad()
+def test_guidance_interval_all_overrides_a_saved_interval():
+    pipe = make_pipe(vae=None, guidance_scale=3.0, guidance_interval=(200, 600))
+    run = dict(class_labels=[1], num_inference_steps=5, output_type="latent")
+    calls = _count_forwards(pipe)
+    pipe(**run, generator=gen(0))
+    assert calls == [1, 1, 2, 2, 1]  # timesteps 999, 749, 500, 250, 0: guided at 500 and 250 only
+    calls.clear()
+    every_step = pipe(**run, generator=gen(0), guidance_interval="all").images
+    assert calls == [2] * 5 and pipe.guidance_interval is None
+    # bitwise: the same pipeline and batches at every step
+    assert torch.equal(every_step, make_pipe(vae=None, guidance_scale=3.0)(**run, generator=gen(0)).images)
+    with pytest.raises(ValueError, match="must be None, 'all' or"):
+        pipe(**run, guidance_interval="none")
+
+
+@torch.no_grad()
 def test_guided_channels_and_call_arguments_override_the_config():
     pipe = make_pipe(vae=None, guidance_scale=3.0, guided_channels=3)
     run = dict(class_labels=[5], num_inference_steps=4, output_type="latent")
@@ -603,14 +619,14 @@ def test_hub_id_is_loaded_from_the_snapshot(tmp_path):
         (dict(guidance_scale=float("nan")), r"`guidance_scale` must be a finite number >= 1 \(1 = no guidance\), got nan"),
         (dict(guidance_scale=float("inf")), r"`guidance_scale` must be a finite number >= 1"),
         (dict(guidance_power=float("nan")), "`guidance_power` must be a finite number > 0"),
-        (dict(guidance_interval=(0, float("inf"))), "`guidance_interval` must be None or \\(t_low, t_high\\)"),
+        (dict(guidance_interval=(0, float("inf"))), "`guidance_interval` must be None, 'all' or \\(t_low, t_high\\)"),
         (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), "`latents` contains NaN"),
         (dict(guidance_schedule="cosine"), "`guidance_schedule` must be one of"),
         (dict(guidance_power=0), "`guidance_power` must be a finite number > 0"),
         (dict(guided_channels=5), r"`guided_channels` must be None \(all\) or an int in \[1, 4\]"),
         (dict(guided_channels=0), r"`guided_channels` must be None \(all\) or an int in \[1, 4\]"),
-        (dict(guidance_interval=(900, 10)), "`guidance_interval` must be None or \\(t_low, t_high\\)"),
-        (dict(guidance_interval=(1, 2, 3)), "`guidance_interval` must be None or \\(t_low, t_high\\)"),
+        (dict(guidance_interval=(900, 10)), "`guidance_interval` must be None, 'all' or \\(t_low, t_high\\)"),
+        (dict(guidance_interval=(1, 2, 3)), "`guidance_interval` must be None, 'all' or \\(t_low, t_high\\)"),
         (dict(output_type="jpg"), "`output_type` must be one of"),
         (dict(latents=torch.zeros(1, 4, 8, 8), class_labels=[1, 2]), r"`latents` must have shape \(2, 4, 8, 8\)"),
         (dict(generator=[torch.Generator()], class_labels=[1, 2]), "one per image"),
