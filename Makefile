@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test bench gpu-check clean
+.PHONY: setup sample test bench bench-cpu gpu-check gpu-suite-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -23,10 +23,18 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_transformer.py
 
-# On a CUDA machine (CI has none): the tests marked `gpu`, then the benchmark in bf16 and fp16.
+# The CPU comparison of the README: fp32, 2 threads, batch 2, against the NVIDIA-like reference, paired rounds.
+bench-cpu: setup
+	$(PY) benchmarks/bench_transformer.py --device cpu --threads 2 --only ours --repeats 9
+
+# On a CUDA machine (CI has none): the tests marked `gpu`, then the GPU suite (one table, <= 8 min on an H100/H200).
 gpu-check: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests
-	$(PY) benchmarks/bench_transformer.py
+	$(PY) benchmarks/gpu_suite.py
+
+# The suite's every code path on a tiny config, on the CPU (what `gpu-check` runs, minus the GPU).
+gpu-suite-smoke: setup
+	$(PY) benchmarks/gpu_suite.py --tiny --device cpu --batches 1 2
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
