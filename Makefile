@@ -34,7 +34,7 @@ gpu-check: setup
 
 # The suite's every code path on a tiny config, on the CPU (what `gpu-check` runs, minus the GPU).
 gpu-suite-smoke: setup
-	$(PY) benchmarks/gpu_suite.py --tiny --device cpu --batches 1 2
+	$(PY) benchmarks/gpu_suite.py --tiny --device cpu --resolutions 256 512 --dtypes bf16 --batches 1 2 --repeats 1 --window 1 --warmup 1
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

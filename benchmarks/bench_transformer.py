@@ -150,7 +150,8 @@ def build(resolution: int, device, dtype, batch: int, only_ours: bool = False):
     except ImportError:
         pass
     variants = {REFERENCE: (attention_as(reference, NvidiaLikeAttention), lambda: reference(x, t, y))}
-    variants["reference, naive (tests/reference_diffit.py)"] = (attention_as(reference, Attention), lambda: reference(x, t, y))
+    naive = attention_as(reference, Attention)
+    variants["reference, naive (tests/reference_diffit.py)"] = (naive, lambda: reference(x, t, y))
     variants["DiffiT fused QKV, native"] = ours(fused, "native")
     if only_ours:  # (one model of ours: the machine may be short of memory)
         return variants

@@ -16,7 +16,7 @@ checkpointing (bf16 autocast, AdamW), and the GPU-hours a 50k-image official-rec
 Weights are random (speed does not depend on them); nothing is downloaded.
 
     python benchmarks/gpu_suite.py                      # the full table on CUDA
-    python benchmarks/gpu_suite.py --tiny --device cpu  # every code path on a tiny config, in about a minute
+    python benchmarks/gpu_suite.py --tiny --device cpu  # every code path on a tiny config, quickly
 """
 
 import argparse

@@ -40,6 +40,7 @@ BACKEND_DEVICES = {
     AttentionBackendName.XFORMERS: ("cuda",),
 }
 BACKEND_DTYPES = {AttentionBackendName._NATIVE_CUDNN: (torch.float16, torch.bfloat16)}
+_BACKEND_NAMES = {b.value for b in AttentionBackendName}
 
 
 def backends_for(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -63,10 +64,9 @@ def check_attention_backend(
     has a backward pass there."""
     if backend is None:
         backend, _ = _AttentionBackendRegistry.get_active_backend()
-    names = {b.value for b in AttentionBackendName}
     name = backend.value if isinstance(backend, AttentionBackendName) else str(backend).lower()
     allowed = ", ".join(repr(b.value) for b in BIAS_CAPABLE_BACKENDS)
-    if name not in names:
+    if name not in _BACKEND_NAMES:
         raise ValueError(f"`backend` {backend!r} is not an attention backend; DiffiT can use: {allowed}.")
     backend = AttentionBackendName(name)
     if backend not in BIAS_CAPABLE_BACKENDS:
