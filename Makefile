@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test test-other-kernels bench gpu-check dist space demo clean
+.PHONY: setup sample test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
 
 setup: $(VENV)/.installed
 
@@ -39,10 +39,18 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_transformer.py
 
-# On a CUDA machine (CI has none): the tests marked `gpu`, then the benchmark in bf16 and fp16.
+# The CPU comparison of the README: fp32, 2 threads, batch 2, against the NVIDIA-like reference, paired rounds.
+bench-cpu: setup
+	$(PY) benchmarks/bench_transformer.py --device cpu --threads 2 --only ours --repeats 9
+
+# On a CUDA machine (CI has none): the tests marked `gpu`, then the GPU suite (one table, <= 8 min on an H100/H200).
 gpu-check: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests
-	$(PY) benchmarks/bench_transformer.py
+	$(PY) benchmarks/gpu_suite.py
+
+# The suite's every code path on a tiny config, on the CPU (what `gpu-check` runs, minus the GPU).
+gpu-suite-smoke: setup
+	$(PY) benchmarks/gpu_suite.py --tiny --device cpu --resolutions 256 512 --dtypes bf16 --batches 1 2 --repeats 1 --window 1 --warmup 1
 
 # sdist + wheel in dist/, `twine check`, then tests/test_packaging.py on them: a fresh venv with only the wheel samples.
 dist: setup

@@ -1,13 +1,18 @@
 """Forward latency and peak memory of DiffiT-XL/2, side by side in one run.
 
-Variants: this package's model with each processor / attention backend that runs on the device, the naive
-official-layout reference from tests/reference_diffit.py, diffusers' DiTTransformer2DModel at DiT-XL/2 size, and a
-"GEMM floor": the matmuls of the same linear layers alone (shapes recorded from a real forward), which no
-implementation of this architecture can beat. Timings rotate through the variants round by round, so machine noise
-spreads over all of them; ratios are against the naive reference of the same run.
+Variants: this package's model with each processor / attention backend that runs on the device; two references
+in the official checkpoint layout: "NVIDIA-like" follows the computation of NVIDIA's release (one fused qkv
+projection plus the time projection, (q·scale) @ kᵀ + the gathered bias, softmax, @ v, as Swin does) and "naive" is
+tests/reference_diffit.py (scores divided by √d after the product, the bias added through a strided permute);
+diffusers' DiTTransformer2DModel at DiT-XL/2 size; and "GEMM floors": the matmuls of the same linear layers alone
+(shapes recorded from a real forward), once through `F.linear` (what both references use) and once through oneDNN
+with packed weights (what this package uses for CPU float32 inference). Timings rotate through the variants round
+by round, so machine noise spreads over all of them; "× NVIDIA-like" is the median over rounds of each round's
+ratio to the NVIDIA-like reference of the same round, with the interquartile range of those ratios as the noise.
 
     python benchmarks/bench_transformer.py                       # CPU fp32 (GPU: bf16 and fp16 too), 256 and 512 px
     python benchmarks/bench_transformer.py --resolutions 256 --repeats 5
+    python benchmarks/bench_transformer.py --device cpu --threads 2 --only ours --repeats 9   # the CPU comparison
 """
 
 import argparse
@@ -27,7 +32,36 @@ from diffusers.models.attention_dispatch import _AttentionBackendRegistry  # noq
 
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel  # noqa: E402
 from diffusers_diffit.loading import convert_state_dict, infer_config  # noqa: E402
-from tests.reference_diffit import ReferenceDiffiT  # noqa: E402
+from tests.reference_diffit import Attention, ReferenceDiffiT  # noqa: E402
+
+REFERENCE = "reference, NVIDIA-like"
+
+
+class NvidiaLikeAttention(Attention):
+    """TMSA computed the way NVIDIA's release does (facts from reading it, no code copied): the fused qkv projection
+    plus the time projection, q scaled before the product, the bias gathered to [N, N, H], permuted to a contiguous
+    [H, N, N] and added to the scores, softmax, @ v."""
+
+    def forward(self, x, c):
+        b, n, d = x.shape
+        head_dim = d // self.heads
+        qkv = (self.qkv(x) + self.qkv_temb(c)[:, None]).reshape(b, n, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, D]
+        scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        scores = scores + bias.permute(2, 0, 1).contiguous()[None]
+        out = scores.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def attention_as(reference: ReferenceDiffiT, cls: type):
+    """A setup step: the references share one module and its weights and differ only in the attention class."""
+
+    def setup():
+        for block in reference.blocks:
+            block.attn.__class__ = cls
+
+    return setup
 
 
 def synchronize(device):
@@ -56,8 +90,9 @@ def peak_memory(fn, device) -> float:
     return status("VmHWM:") - base
 
 
-def gemm_floor(model: nn.Module, run_model, device, dtype):
-    """Record every nn.Linear call's (input rows, weight) during one forward; return a function replaying them."""
+def gemm_floor(model: nn.Module, run_model, device, dtype, onednn: bool = False):
+    """Record every nn.Linear call's (input rows, weight) during one forward; return a function replaying them
+    through `F.linear`, or with `onednn` through oneDNN with weights packed beforehand (CPU float32)."""
     shapes = []
     hooks = [
         m.register_forward_hook(lambda m, args, out: shapes.append((args[0].numel() // m.in_features, m)))
@@ -68,6 +103,14 @@ def gemm_floor(model: nn.Module, run_model, device, dtype):
     for h in hooks:
         h.remove()
     inputs = [(torch.randn(rows, m.in_features, device=device, dtype=dtype), m.weight, m.bias) for rows, m in shapes]
+    if onednn:
+        inputs = [(x, torch.ops.mkldnn._reorder_linear_weight(w.detach()), b) for x, w, b in inputs]
+
+        def replay():
+            for x, w, b in inputs:
+                torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+        return replay
 
     def replay():
         for x, w, b in inputs:
@@ -76,17 +119,17 @@ def gemm_floor(model: nn.Module, run_model, device, dtype):
     return replay
 
 
-def build(resolution: int, device, dtype, batch: int):
+def build(resolution: int, device, dtype, batch: int, only_ours: bool = False):
     config = DIFFIT_CONFIGS[f"DiffiT-XL/2-{resolution}"]
     side = config["sample_size"]
     reference = ReferenceDiffiT(input_size=side).to(device, dtype).eval()
     official = reference.state_dict()
-    diffit, fused = (DiffiTTransformer2DModel(**infer_config(official)).eval() for _ in range(2))
-    for model in (diffit, fused):
+    models = [DiffiTTransformer2DModel(**infer_config(official)).eval() for _ in range(1 if only_ours else 2)]
+    fused, diffit = models[0], models[-1]
+    for model in models:
         model.load_state_dict(convert_state_dict(official, dict(model.config)))
         model.to(device, dtype)
     fused.fuse_qkv_projections()
-    dit = DiTTransformer2DModel(sample_size=side, out_channels=8, num_embeds_ada_norm=1000).to(device, dtype).eval()
 
     x = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -106,19 +149,27 @@ def build(resolution: int, device, dtype, batch: int):
             backends.append("xformers")
     except ImportError:
         pass
-    variants = {"reference (naive, official layout)": (lambda: None, lambda: reference(x, t, y))}
-    variants["DiffiT unfused, native"] = ours(diffit, "native")
+    variants = {REFERENCE: (attention_as(reference, NvidiaLikeAttention), lambda: reference(x, t, y))}
+    naive = attention_as(reference, Attention)
+    variants["reference, naive (tests/reference_diffit.py)"] = (naive, lambda: reference(x, t, y))
     variants["DiffiT fused QKV, native"] = ours(fused, "native")
+    if only_ours:  # (one model of ours: the machine may be short of memory)
+        return variants
+    variants["DiffiT unfused, native"] = ours(diffit, "native")
     for backend in backends:
         variants[f"DiffiT fused QKV, {backend}"] = ours(fused, backend)
+    dit = DiTTransformer2DModel(sample_size=side, out_channels=8, num_embeds_ada_norm=1000).to(device, dtype).eval()
     variants["diffusers DiT-XL/2"] = (lambda: None, lambda: dit(x, t, y))
-    variants["GEMM floor"] = (lambda: None, gemm_floor(fused, lambda: fused(x, t, y), device, dtype))
+    variants["GEMM floor, F.linear"] = (lambda: None, gemm_floor(fused, lambda: fused(x, t, y), device, dtype))
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        floor = gemm_floor(fused, lambda: fused(x, t, y), device, dtype, onednn=True)
+        variants["GEMM floor, oneDNN packed"] = (lambda: None, floor)
     return variants
 
 
 @torch.no_grad()
-def bench(resolution, device, dtype, batch, repeats):
-    variants = build(resolution, device, dtype, batch)
+def bench(resolution, device, dtype, batch, repeats, only_ours=False):
+    variants = build(resolution, device, dtype, batch, only_ours)
     times = {name: [] for name in variants}
     memory = {}
     for name, (setup, run) in variants.items():  # warm-up (twice: first touch of fresh weights) + memory
@@ -137,14 +188,18 @@ def bench(resolution, device, dtype, batch, repeats):
             times[name].append(time.perf_counter() - start)
 
     median = {name: statistics.median(v) for name, v in times.items()}
-    base, floor = median["reference (naive, official layout)"], median["GEMM floor"]
+    ratios = {name: [a / b for a, b in zip(v, times[REFERENCE])] for name, v in times.items()}
+    floor = median.get("GEMM floor, F.linear")
     print(f"\n## DiffiT-XL/2 {resolution} px, batch {batch}, {device.type} {str(dtype).removeprefix('torch.')}, "
-          f"median of {repeats}")
-    print("| variant | latency (ms) | × reference | GEMM floor / latency | peak memory (MiB) |")
-    print("|---|---:|---:|---:|---:|")
+          f"{torch.get_num_threads()} threads, {repeats} rounds")
+    print("| variant | latency (ms, median) | × NVIDIA-like (median of paired ratios) | ratio IQR | "
+          "F.linear GEMM floor / latency | peak memory (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in variants:
-        print(f"| {name} | {median[name] * 1e3:.1f} | {median[name] / base:.3f} | {floor / median[name]:.1%} | "
-              f"{memory[name] / 2**20:.0f} |")
+        q1, _, q3 = statistics.quantiles(ratios[name], n=4) if repeats > 1 else (ratios[name][0],) * 3
+        share = f"{floor / median[name]:.1%}" if floor else "–"
+        print(f"| {name} | {median[name] * 1e3:.1f} | {statistics.median(ratios[name]):.3f} | {q1:.3f}–{q3:.3f} | "
+              f"{share} | {memory[name] / 2**20:.0f} |")
     sys.stdout.flush()
 
 
@@ -155,6 +210,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--only", choices=["all", "ours"], default="all",
+                        help="'ours': only the two references and this package's default variants (quicker)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -164,7 +221,7 @@ def main():
           f"{_AttentionBackendRegistry.get_active_backend()[0].value}")
     for resolution in args.resolutions:
         for dtype in dtypes:
-            bench(resolution, device, dtype, args.batch_size, args.repeats)
+            bench(resolution, device, dtype, args.batch_size, args.repeats, only_ours=args.only == "ours")
 
 
 if __name__ == "__main__":

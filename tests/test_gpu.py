@@ -123,3 +123,33 @@ def test_latent_pipeline_fp16_on_cuda_matches_fp32_on_cpu():
     images = sample()
     assert images.shape == expected.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert (images - expected).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("factory", [test_transformer.tiny_model, test_unet.tiny_model], ids=["transformer", "unet"])
+def test_cuda_only_backends_are_checked_again_when_the_model_moves(factory):
+    """Set on a CUDA half-precision model, cuDNN attention is refused when the model moves to fp32 or to the CPU;
+    'native' moves anywhere."""
+    model = factory().cuda().half()
+    model.set_attention_backend("_native_cudnn")
+    with pytest.raises(ValueError, match="'_native_cudnn' runs only on cuda in float16 or bfloat16.*float32"):
+        model.float()
+    model.half().set_attention_backend("_native_efficient")
+    with pytest.raises(ValueError, match="'_native_efficient' runs only on cuda.*device 'cpu'"):
+        model.cpu()
+    model.set_attention_backend("native")
+    model.cuda()
+    model.reset_attention_backend()
+
+
+def test_gpu_suite_runs_one_small_row(tmp_path):
+    """benchmarks/gpu_suite.py on CUDA with the tiny config (compile, CUDA graphs, every CUDA backend)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--device", "cuda", "--resolutions", "256", "--dtypes", "bf16",
+         "--batches", "2", "--window", "1", "--warmup", "1", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "DiffiT fused, compile + CUDA graphs" in result.stdout and "GPU-hours" in result.stdout

@@ -14,6 +14,7 @@ windows of a sample stored next to each other, and the time token of each sample
 import torch
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.utils import is_xformers_available
 from torch import nn
 
 from .embeddings import get_relative_position_index
@@ -27,20 +28,98 @@ BIAS_CAPABLE_BACKENDS = (
     AttentionBackendName.FLEX,
     AttentionBackendName.XFORMERS,
 )
+# Where each of them runs: device types (None = any) and dtypes (None = any float). torch's memory-efficient and
+# cuDNN SDPA kernels and xformers exist only on CUDA (on the CPU, SDPA then finds "no viable backend"); cuDNN
+# attention takes half precision only; FlexAttention runs on the CPU and CUDA (no backward on the CPU, see below).
+BACKEND_DEVICES = {
+    AttentionBackendName.NATIVE: None,
+    AttentionBackendName._NATIVE_MATH: None,
+    AttentionBackendName._NATIVE_EFFICIENT: ("cuda",),
+    AttentionBackendName._NATIVE_CUDNN: ("cuda",),
+    AttentionBackendName.FLEX: ("cpu", "cuda"),
+    AttentionBackendName.XFORMERS: ("cuda",),
+}
+BACKEND_DTYPES = {AttentionBackendName._NATIVE_CUDNN: (torch.float16, torch.bfloat16)}
+_BACKEND_NAMES = {b.value for b in AttentionBackendName}
 
 
-def check_bias_capable_backend(backend: AttentionBackendName | str | None) -> AttentionBackendName:
-    """Resolve `backend` (None = diffusers' active backend) and fail clearly if it cannot add the position bias."""
+def backends_for(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The bias-capable backends that run on `device` in `dtype`."""
+    return [
+        b.value
+        for b in BIAS_CAPABLE_BACKENDS
+        if BACKEND_DEVICES[b] is None or device.type in BACKEND_DEVICES[b]
+        if dtype in BACKEND_DTYPES.get(b, (dtype,))
+    ]
+
+
+def check_attention_backend(
+    backend: AttentionBackendName | str | None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    needs_grad: bool = False,
+) -> AttentionBackendName:
+    """Resolve `backend` (None = diffusers' active backend) and raise a `ValueError` unless it can add the position
+    bias and runs on `device` in `dtype` (both optional; a meta device is not checked) and, with `needs_grad`,
+    has a backward pass there."""
     if backend is None:
         backend, _ = _AttentionBackendRegistry.get_active_backend()
-    backend = AttentionBackendName(backend)
+    name = backend.value if isinstance(backend, AttentionBackendName) else str(backend).lower()
+    allowed = ", ".join(repr(b.value) for b in BIAS_CAPABLE_BACKENDS)
+    if name not in _BACKEND_NAMES:
+        raise ValueError(f"`backend` {backend!r} is not an attention backend; DiffiT can use: {allowed}.")
+    backend = AttentionBackendName(name)
     if backend not in BIAS_CAPABLE_BACKENDS:
-        allowed = ", ".join(repr(b.value) for b in BIAS_CAPABLE_BACKENDS)
         raise ValueError(
             f"Attention backend {backend.value!r} cannot add DiffiT's relative-position bias (an additive float "
             f"mask). Use one of: {allowed}."
         )
+    if device is None or device.type == "meta":
+        return backend
+    devices, dtypes = BACKEND_DEVICES[backend], BACKEND_DTYPES.get(backend)
+    if (devices is not None and device.type not in devices) or (dtype is not None and dtypes and dtype not in dtypes):
+        where = "/".join(devices) if devices else "any device"
+        kinds = f" in {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}" if dtypes else ""
+        usable = ", ".join(repr(b) for b in backends_for(device, dtype or torch.float32))
+        raise ValueError(
+            f"Attention backend {backend.value!r} runs only on {where}{kinds}, but the model is on device "
+            f"{device.type!r} in {str(dtype).removeprefix('torch.')}. Backends that run there: {usable}."
+        )
+    if backend == AttentionBackendName.XFORMERS and not is_xformers_available():
+        raise ValueError("Attention backend 'xformers' needs the `xformers` package, which is not installed.")
+    if needs_grad and backend == AttentionBackendName.FLEX and device.type == "cpu":
+        raise ValueError(
+            "Attention backend 'flex' has no backward pass on the CPU (torch's FlexAttention): run it under "
+            "`torch.no_grad()` / `torch.inference_mode()`, or use 'native' to train on the CPU."
+        )
     return backend
+
+
+class DiffiTModelMixin:
+    """What both DiffiT models share on top of diffusers' `ModelMixin`:
+
+    - `set_attention_backend` checks the backend at the door, against the model's device and dtype, and every move
+      (`.to()`, `.cuda()`, `.half()` …) checks a backend that was set again. A model moved where its backend cannot
+      run raises a `ValueError` (the move itself has happened): pick a backend that runs on both devices ('native'
+      runs everywhere) before moving it, e.g. for `enable_model_cpu_offload`.
+    - tensors derived from the weights alone (gathered bias, packed CPU weights; see `derived_tensor`) are dropped
+      on every move and every `train()` / `eval()`.
+    """
+
+    def set_attention_backend(self, backend: str) -> None:
+        check_attention_backend(backend, self.device, self.dtype)
+        super().set_attention_backend(backend)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        clear_derived_tensors(self)
+        for backend in {p._attention_backend for p in self.attn_processors.values()} - {None}:
+            check_attention_backend(backend, self.device, self.dtype)
+        return module
+
+    def train(self, mode: bool = True):
+        clear_derived_tensors(self)
+        return super().train(mode)
 
 
 def _per_token(time_projection: torch.Tensor, windows: int) -> torch.Tensor:
@@ -48,10 +127,65 @@ def _per_token(time_projection: torch.Tensor, windows: int) -> torch.Tensor:
     return time_projection.repeat_interleave(windows, dim=0)[:, None] if windows > 1 else time_projection[:, None]
 
 
+# ------------------------------------------------------------------------------------- tensors derived from weights
+def reuses_weights(module: nn.Module) -> bool:
+    """Whether `module` may reuse tensors derived from its weights: eval mode, no autograd, not being compiled (a
+    compiled graph computes them itself). Training and any grad-enabled call always compute them afresh."""
+    return not module.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def derived_tensor(owner: nn.Module, name: str, source: torch.Tensor, build) -> torch.Tensor:
+    """`build()`, computed once and kept on `owner` while `source` is the same tensor with the same contents
+    version, dtype and device (in-place edits such as `load_state_dict` or an optimizer step bump the version;
+    edits through `.data` do not: call `model.eval()` after those). `DiffiTModelMixin` drops every such tensor when
+    the model moves or switches mode."""
+    key = (id(source), source.data_ptr(), source._version, source.dtype, source.device)
+    cache = owner.__dict__.setdefault("_derived_tensors", {})
+    if name not in cache or cache[name][0] != key:
+        cache[name] = (key, build())
+    return cache[name][1]
+
+
+def clear_derived_tensors(model: nn.Module):
+    for module in model.modules():
+        module.__dict__.pop("_derived_tensors", None)
+
+
+def linear(layer: nn.Module, x: torch.Tensor, reuse: bool, gelu: bool = False) -> torch.Tensor:
+    """`layer(x)`, then tanh-GELU if `gelu`. In CPU float32 inference (`reuse`) a plain `nn.Linear` without hooks
+    runs through oneDNN with its weight packed once for the kernel (kept until the weight changes) and the GELU
+    fused into the GEMM: the same arithmetic, but the packed weight is not re-laid-out on every call and oneDNN's
+    kernels beat the default CPU GEMM (see benchmarks/bench_transformer.py, "GEMM floor" rows)."""
+    if reuse and _packable(layer, x):
+        packed = derived_tensor(layer, "onednn_weight", layer.weight, lambda: _reorder_linear_weight(layer.weight))
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "gelu", [], "tanh")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+    x = layer(x)
+    return nn.functional.gelu(x, approximate="tanh") if gelu else x
+
+
+def _reorder_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def _packable(layer: nn.Module, x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and type(layer) is nn.Linear  # not a LoRA / quantized / offloaded wrapper
+        and layer.weight.dtype == torch.float32
+        and not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
+        and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+    )
+
+
 class DiffiTAttnProcessor:
     """TMSA through `dispatch_attention_fn`, for fused and unfused projections and every bias-capable backend.
 
-    The bias is gathered once per call as [1, heads, N, N] in the query dtype and broadcast over the batch.
+    The bias is gathered as [1, heads, N, N] in the query dtype and broadcast over the batch; in eval-mode inference
+    it is gathered once and reused until the bias table changes.
     """
 
     _attention_backend = None
@@ -67,23 +201,27 @@ class DiffiTAttnProcessor:
             )
         if batch % temb.shape[0] != 0:
             raise ValueError(f"`temb` batch {temb.shape[0]} does not divide the token batch {batch}.")
-        backend = check_bias_capable_backend(self._attention_backend)
+        backend = self._attention_backend
+        if not torch.compiler.is_compiling():
+            needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or attn.to_out.weight.requires_grad)
+            backend = check_attention_backend(backend, hidden_states.device, hidden_states.dtype, needs_grad)
+        reuse = reuses_weights(attn)
 
         windows = batch // temb.shape[0]
         if attn.fused_projections:
-            qkv = attn.to_qkv(hidden_states) + _per_token(attn.to_qkv_time(temb), windows)
+            qkv = linear(attn.to_qkv, hidden_states, reuse) + _per_token(attn.to_qkv_time(temb), windows)
             query, key, value = qkv.chunk(3, dim=-1)
         else:
-            query = attn.to_q(hidden_states) + _per_token(attn.to_q_time(temb), windows)
-            key = attn.to_k(hidden_states) + _per_token(attn.to_k_time(temb), windows)
-            value = attn.to_v(hidden_states) + _per_token(attn.to_v_time(temb), windows)
+            query = linear(attn.to_q, hidden_states, reuse) + _per_token(attn.to_q_time(temb), windows)
+            key = linear(attn.to_k, hidden_states, reuse) + _per_token(attn.to_k_time(temb), windows)
+            value = linear(attn.to_v, hidden_states, reuse) + _per_token(attn.to_v_time(temb), windows)
 
         query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))  # [B, N, H, D]
-        bias = attn.relative_position_bias().to(query.dtype)  # [1, H, N, N]
+        bias = attn.relative_position_bias(query.dtype, reuse)  # [1, H, N, N]
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=bias, backend=backend, parallel_config=self._parallel_config
         )
-        return attn.to_out(hidden_states.flatten(2).to(query.dtype))  # [B, N, C]
+        return linear(attn.to_out, hidden_states.flatten(2).to(query.dtype), reuse)  # [B, N, C]
 
 
 class DiffiTAttention(nn.Module, AttentionModuleMixin):
@@ -125,13 +263,21 @@ class DiffiTAttention(nn.Module, AttentionModuleMixin):
 
         self.set_processor(processor or self._default_processor_cls())
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """The bias B of eq. 6 -> [1, heads, N, N]."""
+    def relative_position_bias(self, dtype: torch.dtype | None = None, reuse: bool = False) -> torch.Tensor:
+        """The bias B of eq. 6 -> [1, heads, N, N] in `dtype` (default: the table's); `reuse` keeps it until the
+        table changes (see `derived_tensor`)."""
+        table = self.relative_position_bias_table
+        dtype = dtype or table.dtype
+        if reuse:
+            return derived_tensor(self, f"bias_{dtype}", table, lambda: self._gather_bias(dtype))
+        return self._gather_bias(dtype)
+
+    def _gather_bias(self, dtype: torch.dtype) -> torch.Tensor:
         n = self.window_size**2
         # gathering along the table's transpose lands directly in the contiguous [H, N·N] layout the kernels want
         # (a gather to [N·N, H] followed by a permute costs several times more, and a strided mask slows SDPA)
         bias = self.relative_position_bias_table.t().index_select(1, self.relative_position_index.view(-1))
-        return bias.view(1, self.heads, n, n)
+        return bias.view(1, self.heads, n, n).to(dtype)
 
     @torch.no_grad()
     def fuse_projections(self):
@@ -178,4 +324,13 @@ class DiffiTTransformerBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # hidden_states: [B·nW, N, C], temb: [B, C_t]
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states), temb)
-        return hidden_states + self.ff(self.norm2(hidden_states))
+        return hidden_states + self.feed_forward(self.norm2(hidden_states))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.ff(x)` (Linear → tanh-GELU → Linear; its dropout is 0), with the GELU fused into the first GEMM in
+        CPU float32 inference (see `linear`)."""
+        reuse = reuses_weights(self)
+        if not reuse:
+            return self.ff(x)
+        hidden = linear(self.ff.net[0].proj, x, reuse, gelu=True)  # [..., C·mlp_ratio]
+        return linear(self.ff.net[2], hidden, reuse)

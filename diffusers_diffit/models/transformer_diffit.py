@@ -10,7 +10,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
-from .attention import DiffiTTransformerBlock
+from .attention import DiffiTModelMixin, DiffiTTransformerBlock
 from .embeddings import DiffiTConditioningEmbedding, get_2d_sincos_pos_embed
 
 # The released models (SPEC.md §2). Only the latent side differs between resolutions.
@@ -31,7 +31,7 @@ DIFFIT_CONFIGS = {
 }
 
 
-class DiffiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin):
+class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixin):
     """Latent DiffiT: patch embed + fixed sin-cos positions, N blocks of [LN → TMSA → +, LN → MLP → +] that all
     attend over the whole token grid with a relative-position bias, then LN → SiLU → Linear and unpatchify.
 
@@ -140,7 +140,8 @@ class DiffiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin):
         timestep = check_timestep(timestep, batch, hidden_states.device)
         class_labels = check_class_labels(class_labels, batch, cfg.num_classes, hidden_states.device)
 
-        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)  # [B, T, C]
+        # [B, T, C], made contiguous: a transposed residual stream would make every later add and norm copy
+        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2).contiguous()
         x = x + self.pos_embed.to(x.dtype)
         c = self.condition_embed(timestep, class_labels, dtype=x.dtype)  # [B, C]
         for block in self.transformer_blocks:

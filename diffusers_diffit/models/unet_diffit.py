@@ -24,7 +24,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
-from .attention import DiffiTTransformerBlock
+from .attention import DiffiTModelMixin, DiffiTTransformerBlock
 from .embeddings import DiffiTConditioningEmbedding
 
 # The paper's image-space models (SPEC.md §4). Dropout is EDM's DDPM++ value for each dataset (DiffiT trains with
@@ -120,7 +120,7 @@ class DiffiTResBlock(nn.Module):
         return x + shortcut
 
 
-class DiffiTUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin):
+class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixin):
     """Image-space DiffiT: conv tokenizer, `len(block_out_channels)` levels of `layers_per_block` DiffiT ResBlocks
     down (conv stride-2 downsampling between levels) and the same number up (nearest ×2 + conv upsampling), each
     decoder block taking the matching encoder block's output concatenated to its input, then GN → SiLU → Conv3×3.

@@ -1,0 +1,120 @@
+"""Eval-mode inference reuses what depends on the weights alone (the gathered position bias; on the CPU in float32
+the oneDNN-packed linear weights) and rebuilds it whenever the weights, their dtype or device change; training and
+grad-enabled calls never use it.
+
+Guarantees relied on: "cached" and "rebuilt from scratch" run the same kernels on the same inputs in one process,
+so they are compared bitwise; a cached model against a freshly built one with the same weights likewise.
+"""
+
+import pytest
+import torch
+
+from diffusers_diffit.models.attention import DiffiTAttention, clear_derived_tensors
+from tests import test_transformer, test_unet
+
+
+def transformer():
+    return test_transformer.tiny_model(), test_transformer.inputs()
+
+
+def unet():
+    return test_unet.tiny_model(), (torch.randn(2, 1, 16, 16), torch.tensor([0.1, 0.7]), torch.tensor([1, 10]))
+
+
+MODELS = {"transformer": transformer, "unet": unet}
+
+
+def run(model, args):
+    with torch.no_grad():
+        return model(*args).sample
+
+
+def fresh(model, args):
+    """The same model with nothing reused: every derived tensor rebuilt from the current weights."""
+    clear_derived_tensors(model)
+    return run(model, args)
+
+
+def caches(model):
+    return [m.__dict__.get("_derived_tensors", {}) for m in model.modules() if m.__dict__.get("_derived_tensors")]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_derived_tensors_are_built_once(name):
+    model, args = MODELS[name]()
+    first = run(model, args)
+    attn = next(m for m in model.modules() if isinstance(m, DiffiTAttention))
+    bias = attn._derived_tensors["bias_torch.float32"][1]
+    kept = [dict(c) for c in caches(model)]
+    assert len(kept) > 0
+    second = run(model, args)
+    assert torch.equal(first, second)
+    assert attn._derived_tensors["bias_torch.float32"][1] is bias  # reused, not rebuilt
+    assert all(c[k][1] is old[k][1] for c, old in zip(caches(model), kept) for k in old)
+    torch.testing.assert_close(bias, attn._gather_bias(torch.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_load_state_dict_invalidates(name):
+    model, args = MODELS[name]()
+    other, _ = MODELS[name]()  # other random weights
+    before = run(model, args)
+    model.load_state_dict(other.state_dict())
+    after = run(model, args)
+    assert not torch.allclose(after, before)
+    assert torch.equal(after, fresh(model, args))
+    assert torch.equal(after, run(other, args))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_optimizer_step_and_in_place_edits_invalidate(name):
+    model, args = MODELS[name]()
+    run(model, args)  # fill the caches
+    model.train()
+    model.condition_embed.class_dropout_prob = 0.0
+    model(*args).sample.square().mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.eval()
+    stepped = run(model, args)
+    assert torch.equal(stepped, fresh(model, args))
+
+    attn = next(m for m in model.modules() if isinstance(m, DiffiTAttention))
+    run(model, args)
+    with torch.no_grad():  # in-place edits of one block's bias table and output projection
+        attn.relative_position_bias_table.mul_(3.0)
+        attn.to_out.weight.add_(0.1)
+    edited = run(model, args)
+    assert not torch.allclose(edited, stepped)
+    assert torch.equal(edited, fresh(model, args))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dtype_round_trip_invalidates(name):
+    """fp32 → bf16 → fp32 rounds every weight: the rebuilt tensors must follow (a cache keyed on storage addresses
+    alone could find the old fp32 address again)."""
+    model, args = MODELS[name]()
+    run(model, args)
+    model.to(torch.bfloat16)
+    half = run(model, (args[0].bfloat16(), *args[1:]))
+    assert half.dtype == torch.bfloat16 and torch.equal(half, fresh(model, (args[0].bfloat16(), *args[1:])))
+    model.to(torch.float32)
+    rounded = run(model, args)
+    assert torch.equal(rounded, fresh(model, args))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_training_and_grad_mode_never_reuse(name):
+    model, args = MODELS[name]()
+    run(model, args)  # eval-mode caches exist
+    attn = next(m for m in model.modules() if isinstance(m, DiffiTAttention))
+    table = attn.relative_position_bias_table
+    model(*args).sample.square().mean().backward()  # eval mode, but grad enabled: computed afresh, so it has grads
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    assert attn.to_out.weight.grad.abs().sum() > 0
+
+    model.train()
+    assert caches(model) == []  # switching mode drops everything
+    model.condition_embed.class_dropout_prob = 0.0
+    with torch.no_grad():
+        model(*args)
+    assert caches(model) == []  # training mode never stores, even without grad
