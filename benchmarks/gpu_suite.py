@@ -214,8 +214,8 @@ class Suite:
                             continue
                         setup()
                         self.reset_peak()
-                        try:
-                            with torch.no_grad():
+                        try:  # inference_cache: what DiffiTPipeline does for each call
+                            with torch.no_grad(), ours.inference_cache():
                                 fwd, per_step = self.sampling_window(forward, resolution, batch, dtype)
                         except torch.OutOfMemoryError:
                             self.add(**row, note="out of memory")

@@ -6,6 +6,7 @@ Latent models (a VAE is registered) decode with `vae.decode(x / scaling_factor)`
 images in [-1, 1] directly. The official recipe (SPEC.md §3) is `OFFICIAL_RECIPES` + `official_scheduler()`.
 """
 
+import contextlib
 import inspect
 import logging
 import numbers
@@ -425,33 +426,35 @@ class DiffiTPipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
 
-        # 4. Denoising loop
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            if self.interrupt:
-                break
-            interval = self.guidance_interval
-            guided = conditional and self.do_classifier_free_guidance
-            guided = guided and (interval is None or interval[0] <= float(t) <= interval[1])
-            model_input = self.scheduler.scale_model_input(latents, t)
-            model_labels = torch.cat([labels, null]) if guided else labels
-            if guided:
-                model_input = torch.cat([model_input, model_input])
-            output = self.transformer(
-                model_input, t.expand(model_input.shape[0]), class_labels=model_labels, return_dict=False
-            )[0]
-            if guided:
-                output = apply_guidance(
-                    *output.chunk(2), self._guidance_weight(t), self.guided_channels or config.in_channels
-                )
-            if not keep_variance:
-                output = output[:, : config.in_channels]  # ε (or F_θ) alone; a no-op for models without variance
-            latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+        # 4. Denoising loop (the weights are fixed for the call: the model may reuse what it derives from them)
+        cache = getattr(self.transformer, "inference_cache", None)
+        with cache() if cache is not None else contextlib.nullcontext():
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                if self.interrupt:
+                    break
+                interval = self.guidance_interval
+                guided = conditional and self.do_classifier_free_guidance
+                guided = guided and (interval is None or interval[0] <= float(t) <= interval[1])
+                model_input = self.scheduler.scale_model_input(latents, t)
+                model_labels = torch.cat([labels, null]) if guided else labels
+                if guided:
+                    model_input = torch.cat([model_input, model_input])
+                output = self.transformer(
+                    model_input, t.expand(model_input.shape[0]), class_labels=model_labels, return_dict=False
+                )[0]
+                if guided:
+                    output = apply_guidance(
+                        *output.chunk(2), self._guidance_weight(t), self.guided_channels or config.in_channels
+                    )
+                if not keep_variance:
+                    output = output[:, : config.in_channels]  # ε (or F_θ) alone; a no-op for models without variance
+                latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
 
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents, "prompt_embeds": model_labels}
-                callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": model_labels}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
 
         # 5. Decode
         images = latents if output_type == "latent" else self._postprocess(self._decode(latents), output_type)

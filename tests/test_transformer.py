@@ -148,7 +148,7 @@ def test_fused_and_unfused_projections_agree():
     assert torch.allclose(_run(model, x, t, y), expected, atol=1e-5)
     model.unfuse_qkv_projections()
     assert not hasattr(attn, "to_qkv") and not hasattr(attn, "to_qkv_time")
-    assert torch.equal(_run(model, x, t, y), expected)
+    assert torch.equal(_run(model, x, t, y), expected)  # bitwise: unfusing leaves the original weights in place
 
 
 CUDA_ONLY_BACKENDS = {"_native_cudnn", "_native_efficient", "xformers"}
@@ -200,7 +200,7 @@ def test_set_attn_processor_swaps_every_block():
     x, t, y = inputs()
     expected = _run(model, x, t, y)
     model.set_attn_processor(Recording())
-    assert torch.equal(_run(model, x, t, y), expected) and len(calls) == 2
+    assert torch.equal(_run(model, x, t, y), expected) and len(calls) == 2  # bitwise: same model, kernels
 
 
 def test_batch_equals_single_samples_and_bias_is_shared():
@@ -250,7 +250,8 @@ def test_save_load_round_trip(tmp_path):
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.config) == public(model.config)
     x, t, y = inputs()
-    assert torch.equal(_run(loaded, x, t, y), _run(model, x, t, y))
+    # a tolerance: the reloaded weights live in other (memory-mapped) memory, where some BLAS builds pick other kernels
+    torch.testing.assert_close(_run(loaded, x, t, y), _run(model, x, t, y), rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_is_equivalent():

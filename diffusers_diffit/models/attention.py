@@ -11,6 +11,8 @@ model passes its whole token grid as one window, the image-space U-Net passes [B
 windows of a sample stored next to each other, and the time token of each sample is repeated over its windows.
 """
 
+import contextlib
+
 import torch
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
@@ -102,9 +104,30 @@ class DiffiTModelMixin:
       (`.to()`, `.cuda()`, `.half()` …) checks a backend that was set again. A model moved where its backend cannot
       run raises a `ValueError` (the move itself has happened): pick a backend that runs on both devices ('native'
       runs everywhere) before moving it, e.g. for `enable_model_cpu_offload`.
-    - tensors derived from the weights alone (gathered bias, packed CPU weights; see `derived_tensor`) are dropped
-      on every move and every `train()` / `eval()`.
+    - `inference_cache()`: a block in which tensors derived from the weights alone (gathered bias, packed CPU
+      weights; see `derived_tensor`) are computed once and reused; they are also dropped on every move and every
+      `train()` / `eval()`.
     """
+
+    @contextlib.contextmanager
+    def inference_cache(self):
+        """Eval-mode, no-grad forwards inside this block reuse what depends on the weights alone (the gathered
+        position bias; on the CPU in float32 the oneDNN-packed linear weights), which is dropped when the block ends.
+        `DiffiTPipeline` runs each call in one. Changes to the weights inside the block are seen when they go through
+        autograd's version counter (`load_state_dict`, optimizer steps, in-place ops), not through `.data`: change
+        weights between blocks."""
+        if self.__dict__.get("_inference_cache"):  # nested: the outer block owns it
+            yield self
+            return
+        modules = list(self.modules())
+        for module in modules:
+            module.__dict__["_inference_cache"] = True
+        try:
+            yield self
+        finally:
+            for module in modules:
+                module.__dict__.pop("_inference_cache", None)
+            clear_derived_tensors(self)
 
     def set_attention_backend(self, backend: str) -> None:
         check_attention_backend(backend, self.device, self.dtype)
@@ -129,16 +152,19 @@ def _per_token(time_projection: torch.Tensor, windows: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- tensors derived from weights
 def reuses_weights(module: nn.Module) -> bool:
-    """Whether `module` may reuse tensors derived from its weights: eval mode, no autograd, not being compiled (a
-    compiled graph computes them itself). Training and any grad-enabled call always compute them afresh."""
-    return not module.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    """Whether `module` may reuse tensors derived from its weights: inside `inference_cache()`, in eval mode, without
+    autograd, not being compiled (a compiled graph computes them itself). Training and any grad-enabled call always
+    compute them afresh."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or module.training:
+        return False
+    return module.__dict__.get("_inference_cache", False)
 
 
 def derived_tensor(owner: nn.Module, name: str, source: torch.Tensor, build) -> torch.Tensor:
     """`build()`, computed once and kept on `owner` while `source` is the same tensor with the same contents
     version, dtype and device (in-place edits such as `load_state_dict` or an optimizer step bump the version;
-    edits through `.data` do not: call `model.eval()` after those). `DiffiTModelMixin` drops every such tensor when
-    the model moves or switches mode."""
+    edits through `.data` do not). Only used inside `inference_cache()`, which drops every such tensor when it ends,
+    as do moves and `train()` / `eval()`."""
     key = (id(source), source.data_ptr(), source._version, source.dtype, source.device)
     cache = owner.__dict__.setdefault("_derived_tensors", {})
     if name not in cache or cache[name][0] != key:
