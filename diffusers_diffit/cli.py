@@ -34,6 +34,7 @@ logger = logging.getLogger("diffit")
 MAX_IMAGES = 1024  # one batch: beyond this a grid is unreadable and memory runs out first
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MAX_UPSCALE = 64
+DEBUG_HELP = "show Python tracebacks on errors"
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                   ".tiff": "TIFF"}
 
@@ -94,7 +95,8 @@ def parse_guidance_interval(tokens: list[str] | None) -> list[float] | str | Non
 def output_path(text: str) -> Path:
     path = Path(text).expanduser()
     if text.endswith(("/", os.sep)) or path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name such as {text.rstrip('/')}/grid.png")
+        example = f"{text.rstrip('/')}/grid.png"
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name such as {example}")
     if path.suffix.lower() not in OUTPUT_FORMATS:
         raise argparse.ArgumentTypeError(
             f"{text!r} has no image extension; use one of {', '.join(sorted(OUTPUT_FORMATS))} (e.g. grid.png)"
@@ -133,7 +135,7 @@ def default_device() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="diffit", description="DiffiT (Diffusion Vision Transformers) for diffusers.")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sample = commands.add_parser(
         "sample", help="sample a grid of images, one row per label",
@@ -160,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nearest-neighbour zoom of each image (default: enough to make it at least 64 px)")
     sample.add_argument("--output", type=output_path, default=Path("grid.png"),
                         help=f"image file to write ({', '.join(sorted(OUTPUT_FORMATS))}; default grid.png)")
-    sample.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
+    sample.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sample.set_defaults(run=sample_command)
     evaluate = add_evaluate_parser(commands)
-    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks on errors")
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     evaluate.set_defaults(run=run_evaluate)
     return parser
 
@@ -251,7 +253,8 @@ def check_labels(labels: list[int | str] | None, info: ModelInfo) -> list[int] |
         except ValueError as error:
             names = [names[0] for names in info.id2label.values()]
             allowed = f"names: {', '.join(names)}" if len(names) <= 20 else "names from the model's id2label"
-            raise UsageError("--labels", f"{error} Allowed: class ids 0 to {info.num_classes - 1}, or {allowed}.") from None
+            ids_allowed = f"class ids 0 to {info.num_classes - 1}"
+            raise UsageError("--labels", f"{error} Allowed: {ids_allowed}, or {allowed}.") from None
     return ids
 
 
@@ -310,7 +313,8 @@ def sample_command(args: argparse.Namespace) -> Path:
     upscale = args.upscale or max(1, math.ceil(64 / images[0].width))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_name(f".{args.output.name}.partial")
-    make_grid(images, args.num_images_per_label, upscale).save(partial, format=OUTPUT_FORMATS[args.output.suffix.lower()])
+    grid = make_grid(images, args.num_images_per_label, upscale)
+    grid.save(partial, format=OUTPUT_FORMATS[args.output.suffix.lower()])
     partial.replace(args.output)  # a finished file or none
     logger.info("wrote %s", args.output)
     return args.output
@@ -333,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{prog}: error: {type(error).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+        hint = "(run with --debug for the traceback)"
+        print(f"{prog}: error: {type(error).__name__}: {message} {hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -286,7 +286,8 @@ class DiffiTPipeline(DiffusionPipeline):
 
         `class_labels` may be an int, a str, a list/tuple of them (also numpy integers and 0-d integer tensors), a
         0-d/1-d integer tensor or numpy array, or None."""
-        if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+        n = num_images_per_label
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`num_images_per_label` must be an int >= 1, got {num_images_per_label!r}.")
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
@@ -305,7 +306,9 @@ class DiffiTPipeline(DiffusionPipeline):
         if isinstance(class_labels, (str, numbers.Integral)):
             class_labels = [class_labels]
         if not isinstance(class_labels, (list, tuple)) or not class_labels:
-            raise ValueError(f"`class_labels` must be an int, a str, or a non-empty list of them, got {class_labels!r}.")
+            raise ValueError(
+                f"`class_labels` must be an int, a str, or a non-empty list of them, got {class_labels!r}."
+            )
         ids = []
         for label in class_labels:
             if torch.is_tensor(label) and label.ndim == 0 and not (label.is_floating_point() or label.is_complex()):
@@ -424,7 +427,8 @@ class DiffiTPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
 
         # 4. Denoising loop (the weights are fixed for the call: the model may reuse what it derives from them)
         cache = getattr(self.transformer, "inference_cache", None)

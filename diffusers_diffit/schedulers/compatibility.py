@@ -53,7 +53,8 @@ _REJECTED = (
     ("needs a consistency-distilled model", ("LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler",
                                              "SCMScheduler", "FlowMatchLCMScheduler")),
     ("flow matching: reads the output as a velocity", ("FlowMatchEulerDiscreteScheduler",
-                                                       "FlowMatchHeunDiscreteScheduler", "FlowMapEulerDiscreteScheduler",
+                                                       "FlowMatchHeunDiscreteScheduler",
+                                                       "FlowMapEulerDiscreteScheduler",
                                                        "LTXEulerAncestralRFScheduler")),
     ("needs the `torchsde` package and re-draws Brownian noise per call; not verified", ("DPMSolverSDEScheduler",)),
     ("variance-exploding score model (NCSN++) sampler", ("ScoreSdeVeScheduler", "KarrasVeScheduler")),
@@ -136,8 +137,8 @@ def check_scheduler(scheduler: SchedulerMixin, denoiser_type: str, current: Sche
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise ValueError(
-            f"{type(scheduler).__name__} has `prediction_type={prediction!r}`, but this {denoiser_type!r} model is read "
-            "as 'epsilon' (ε, or EDM's F_θ); use prediction_type='epsilon'."
+            f"{type(scheduler).__name__} has `prediction_type={prediction!r}`, but this {denoiser_type!r} model is "
+            "read as 'epsilon' (ε, or EDM's F_θ); use prediction_type='epsilon'."
         )
     if current is not None and scheduler_support(type(current), denoiser_type) is None:
         keys = ("sigma_data",) if denoiser_type == "edm" else _NOISE_SCHEDULE_KEYS
@@ -178,7 +179,9 @@ def scheduler_from_preset(name: str, current: SchedulerMixin, denoiser_type: str
     if name not in allowed:
         close = difflib.get_close_matches(str(name), allowed, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Scheduler {name!r} is not one of {allowed} (the ones for this {denoiser_type} model).{hint}")
+        raise ValueError(
+            f"Scheduler {name!r} is not one of {allowed} (the ones for this {denoiser_type} model).{hint}"
+        )
     _, class_name, overrides, _ = PRESETS[name]
     scheduler = scheduler_class(class_name).from_config(current.config, **overrides)
     return check_scheduler(scheduler, denoiser_type, current)

@@ -72,7 +72,9 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
                       s_tmin=s_tmin, s_noise=s_noise, **({} if s_tmax is None else {"s_tmax": s_tmax}))
         not_finite = {k: v for k, v in values.items() if not is_finite_number(v)}
         if not_finite:
-            raise ValueError(f"EDMHeunScheduler arguments must be finite numbers (s_tmax=None for no bound), got {not_finite}.")
+            raise ValueError(
+                f"EDMHeunScheduler arguments must be finite numbers (s_tmax=None for no bound), got {not_finite}."
+            )
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"Need 0 < `sigma_min` < `sigma_max`, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
         if s_churn < 0:
