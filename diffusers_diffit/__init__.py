@@ -19,7 +19,7 @@ from .remote_code import install_diffusers_hooks
 from .schedulers import EDMHeunScheduler
 
 # `DiffusionPipeline.from_pretrained` finds DiffiTPipeline; DiffiT repos with remote code load this package's classes
-install_diffusers_hooks([DiffiTPipeline])
+install_diffusers_hooks([DiffiTPipeline], [DiffiTTransformer2DModel, DiffiTUNet2DModel, EDMHeunScheduler])
 
 __all__ = [
     "DIFFIT_CONFIGS",

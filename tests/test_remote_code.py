@@ -205,6 +205,28 @@ def test_package_classes_win_with_or_without_trust_remote_code(latent_repo, pixe
     assert type(DiffusionPipeline.from_pretrained(pixel_repo).scheduler) is EDMHeunScheduler
 
 
+def test_diffusers_hub_download_accepts_repos_without_code(tmp_path):
+    """diffusers' download step (online only: offline it reads the cache) refuses a model_index.json naming a module
+    it cannot load and for which the repo has no file; with the package imported, its modules are loadable."""
+    from diffusers.pipelines.pipeline_loading_utils import _get_custom_components_and_folders
+
+    for folder in (Path(embedded_model_path("digits")), _saved_latent(tmp_path)):
+        index = json.loads((folder / "model_index.json").read_text())
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        custom, folders = _get_custom_components_and_folders("someone/diffit", index, files)
+        assert custom == {} and {"transformer", "scheduler"} <= set(folders)
+    unknown = dict(index, transformer=["someone_elses_package.models", "Model"])
+    with pytest.raises(ValueError, match="does not exist in someone/diffit"):  # the gate itself still works
+        _get_custom_components_and_folders("someone/diffit", unknown, files)
+
+
+def _saved_latent(tmp_path) -> Path:
+    from tests.test_pipeline import make_pipe
+
+    make_pipe().save_pretrained(tmp_path / "latent")
+    return tmp_path / "latent"
+
+
 def test_folders_without_code_load_through_diffusion_pipeline(tmp_path):
     digits = DiffusionPipeline.from_pretrained(embedded_model_path("digits"))
     assert type(digits) is DiffiTPipeline and type(digits.transformer) is DiffiTUNet2DModel
