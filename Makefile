@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
+.PHONY: setup sample lint test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ sample: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# ruff with diffusers' settings (pyproject.toml): pyflakes, pycodestyle errors and warnings, import order.
+lint: setup
+	$(PY) -m ruff check .
 
 # The numerical tests again on other CPU kernels (MKL's SSE4.2 path, one thread), the way another CPU (an AMD EPYC
 # takes other MKL paths than a Xeon) or another thread count would run them: comparisons that claim bitwise

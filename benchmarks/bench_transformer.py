@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import DiTTransformer2DModel  # noqa: E402
@@ -34,6 +35,7 @@ from diffusers.models.attention_dispatch import _AttentionBackendRegistry  # noq
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel  # noqa: E402
 from diffusers_diffit.loading import convert_state_dict, infer_config  # noqa: E402
 from tests.reference_diffit import Attention, ReferenceDiffiT  # noqa: E402
+
 
 REFERENCE = "reference, NVIDIA-like"
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: E402
@@ -37,6 +38,7 @@ from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel  # noqa: E
 from diffusers_diffit.guidance import apply_guidance, guidance_weight  # noqa: E402
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, official_scheduler  # noqa: E402
 from tests.reference_diffit import ReferenceDiffiT  # noqa: E402
+
 
 STEPS = 250  # the official recipe
 IMAGES = 50_000  # an FID run

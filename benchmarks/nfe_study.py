@@ -59,8 +59,10 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_digits import Judge, sample_ink  # noqa: E402
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from train_digits import digits_split  # noqa: E402
@@ -68,6 +70,7 @@ from train_digits import digits_split  # noqa: E402
 from diffusers_diffit import DiffiTPipeline, embedded_model_path  # noqa: E402
 from diffusers_diffit.edm import edm_preconditioning  # noqa: E402
 from diffusers_diffit.schedulers import EDMHeunScheduler  # noqa: E402
+
 
 logger = logging.getLogger("nfe_study")
 HERE = Path(__file__).resolve().parent

@@ -35,6 +35,7 @@ from sklearn.decomposition import PCA
 from sklearn.neural_network import MLPClassifier
 from sklearn.svm import SVC
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from train_digits import NUM_CLASSES, digits_split, model_to_ink  # noqa: E402
 

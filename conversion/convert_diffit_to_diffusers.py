@@ -26,6 +26,7 @@ from diffusers_diffit.cli import make_grid, parse_labels
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, push_to_hub
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline
 
+
 logger = logging.getLogger("convert_diffit_to_diffusers")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -16,6 +16,7 @@ import json
 import zipfile
 from pathlib import Path
 
+
 SYNSETS = "timm/data/_info/imagenet_synsets.txt"
 LEMMAS = "timm/data/_info/imagenet_synset_to_lemma.txt"
 OUTPUT = Path(__file__).resolve().parents[1] / "diffusers_diffit" / "data" / "imagenet_labels.json"

@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+from .embedded import embedded_model_path
+from .guidance import GUIDANCE_SCHEDULES
+from .labels import imagenet_id2label
 from .models import (
     DIFFIT_CONFIGS,
     DIFFIT_UNET_CONFIGS,
@@ -11,12 +14,10 @@ from .models import (
     DiffiTTransformerBlock,
     DiffiTUNet2DModel,
 )
-from .embedded import embedded_model_path
-from .guidance import GUIDANCE_SCHEDULES
-from .labels import imagenet_id2label
 from .pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
 from .remote_code import install_diffusers_hooks
 from .schedulers import EDMHeunScheduler
+
 
 # `DiffusionPipeline.from_pretrained` finds DiffiTPipeline; DiffiT repos with remote code load this package's classes
 install_diffusers_hooks([DiffiTPipeline], [DiffiTTransformer2DModel, DiffiTUNet2DModel, EDMHeunScheduler])

@@ -29,6 +29,7 @@ from .labels import imagenet_id2label, lookup_label_ids, normalize_id2label
 from .schedulers.compatibility import PRESETS, scheduler_presets
 from .utils import is_finite_number
 
+
 logger = logging.getLogger("diffit")
 
 MAX_IMAGES = 1024  # one batch: beyond this a grid is unreadable and memory runs out first

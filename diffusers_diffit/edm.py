@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2
 

@@ -16,6 +16,7 @@ import torch
 
 from .utils import is_finite_number
 
+
 GUIDANCE_SCHEDULES = ("constant", "power-cosine")
 
 

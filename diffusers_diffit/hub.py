@@ -12,6 +12,7 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
+
 logger = logging.getLogger(__name__)
 
 # `from_pretrained` keyword arguments that concern the download, not the loading.

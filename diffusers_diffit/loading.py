@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from .models.embeddings import get_2d_sincos_pos_embed, get_relative_position_index
 from .utils import resolve_dtype
 
+
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("ema", "state_dict", "model", "module")  # checked in this order: EMA weights win

@@ -30,6 +30,7 @@ import re
 import sys
 from pathlib import Path
 
+
 logger = logging.getLogger(__name__)
 
 PACKAGE = "diffusers_diffit"

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Sampler
 from .labels import normalize_id2label
 from .models.embeddings import DiffiTConditioningEmbedding
 
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")

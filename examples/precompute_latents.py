@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from diffusers_diffit.training import ImageDataset, load_vae
 
+
 logger = get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from diffusers_diffit.pipelines import DiffiTPipeline
 from diffusers_diffit.training import derive_seed
 
+
 logger = get_logger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

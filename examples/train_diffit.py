@@ -59,6 +59,7 @@ from diffusers_diffit.training import (
     set_class_dropout_prob,
 )
 
+
 logger = get_logger(__name__)
 RECIPE_KEYS = ("num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power", "guided_channels",
                "guidance_interval")

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from diffusers_diffit import DiffiTUNet2DModel, EDMHeunScheduler
 from diffusers_diffit.edm import edm_loss
 
+
 logger = logging.getLogger("train_digits")
 
 NUM_CLASSES = 10

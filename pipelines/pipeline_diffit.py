@@ -28,6 +28,7 @@ from ..labels import imagenet_id2label, lookup_label_ids, normalize_id2label
 from ..schedulers.compatibility import COMPATIBLE, check_scheduler, infer_denoiser_type, scheduler_class
 from ..utils import resolve_dtype
 
+
 logger = logging.getLogger(__name__)
 
 # What NVIDIA's FID numbers were measured with (SPEC.md §3), by image side in pixels.

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 try:  # ZeroGPU hardware: a GPU is attached for the duration of each decorated call (imported before torch)
     import spaces
 except ImportError:
@@ -32,6 +33,7 @@ from diffusers_diffit.cli import make_grid
 from diffusers_diffit.guidance import training_horizon
 from diffusers_diffit.hub import download_pipeline
 from diffusers_diffit.schedulers import scheduler_from_preset, scheduler_presets
+
 
 logger = logging.getLogger("diffit-space")
 

@@ -20,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON_VERSION = "3.11"  # the Python the tests run the Space with

@@ -1,5 +1,6 @@
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 
 import pytest  # noqa: E402

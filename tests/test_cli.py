@@ -17,6 +17,7 @@ from PIL import Image
 from diffusers_diffit.cli import main as cli_main
 from tests.test_pipeline import make_pipe
 
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -16,6 +16,7 @@ from diffusers_diffit import hub
 from diffusers_diffit.labels import imagenet_id2label
 from diffusers_diffit.pipelines import DiffiTPipeline
 
+
 SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_diffit_to_diffusers.py"
 DIM, HEADS, DEPTH, PATCH, SIDE, CLASSES = 16, 2, 2, 2, 8, 1000  # latent side 8 -> a 4×4 token grid
 

@@ -11,6 +11,7 @@ from torch import nn
 from diffusers_diffit import DiffiTUNet2DModel, EDMHeunScheduler
 from diffusers_diffit.edm import edm_denoise, edm_loss, edm_loss_weight, edm_preconditioning, sample_training_sigmas
 
+
 SIGMA_DATA = 0.5
 
 

@@ -15,6 +15,7 @@ from sklearn.svm import SVC
 import diffusers_diffit
 from diffusers_diffit import DiffiTPipeline, DiffiTUNet2DModel, embedded_model_path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 from train_digits import (  # noqa: E402

@@ -33,6 +33,7 @@ from diffusers_diffit.evaluation import (
 from diffusers_diffit.evaluation import evaluator as evaluate_module
 from diffusers_diffit.evaluation.evaluator import check_evaluate_args, run_evaluate
 
+
 # ------------------------------------------------------------------------------------------ independent references
 
 

@@ -20,8 +20,10 @@ from diffusers_diffit.pipelines import OFFICIAL_RECIPES
 from tests import test_pipeline, test_transformer, test_unet
 from tests.utils import relative_error
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from train_digits import digits_split, model_to_ink  # noqa: E402
+
 
 pytestmark = pytest.mark.gpu
 

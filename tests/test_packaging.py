@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FILES = [
     "diffusers_diffit/py.typed",

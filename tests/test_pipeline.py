@@ -35,9 +35,10 @@ from diffusers.schedulers import scheduling_ddpm
 
 from diffusers_diffit.guidance import guidance_weight
 from diffusers_diffit.models import DiffiTTransformer2DModel, DiffiTUNet2DModel
-from diffusers_diffit.schedulers import EDMHeunScheduler
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
+from diffusers_diffit.schedulers import EDMHeunScheduler
 from tests.utils import relative_error
+
 
 # diffusers' Euler / LMS / KDPM2 schedulers meet numpy 2 with a deprecation warning per step (their side)
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")

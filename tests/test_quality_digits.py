@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.linalg import sqrtm
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from quality_digits import frechet_distance, paired_difference  # noqa: E402
 

@@ -29,6 +29,7 @@ from diffusers_diffit.remote_code import (
 from tests.test_conversion import inputs, load_script  # noqa: F401  (`inputs` is a fixture)
 from tests.test_pipeline import _one_thread  # noqa: F401  (autouse fixture: one thread per test)
 
+
 CHILD = Path(__file__).with_name("remote_code_child.py")
 LATENT_CALL = {"class_labels": [207, "tiger cat"], "num_inference_steps": 3}
 PIXEL_CALL = {"class_labels": [3, 1], "num_inference_steps": 3}

@@ -33,6 +33,7 @@ from diffusers_diffit.schedulers import (
 )
 from diffusers_diffit.schedulers.compatibility import COMPATIBLE, all_scheduler_classes, scheduler_class
 
+
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")  # diffusers' Euler/LMS with numpy 2
 
 ROOT = Path(__file__).resolve().parents[1]

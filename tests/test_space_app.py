@@ -4,6 +4,7 @@ classes, schedulers, sampling, the model's licence. The page itself is driven in
 import os
 import tempfile
 
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-"))  # before gradio is imported
 
@@ -19,6 +20,7 @@ import pytest  # noqa: E402
 
 from diffusers_diffit import embedded_model_path, imagenet_id2label  # noqa: E402
 from diffusers_diffit.labels import lookup_label_ids  # noqa: E402
+
 
 APP = Path(__file__).resolve().parents[1] / "space_app" / "app.py"
 

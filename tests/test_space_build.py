@@ -5,6 +5,7 @@ fresh virtual environment, then `python app.py`, asked for an image through grad
 import os
 import tempfile
 
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-"))
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -26,6 +27,7 @@ from huggingface_hub import SpaceCard, SpaceHardware  # noqa: E402
 from diffusers_diffit import embedded_model_path  # noqa: E402
 
 from .test_space_app import load_module  # noqa: E402
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ DIFFIT_SKIP_UI=1 to skip the browser part explicitly. DIFFIT_SCREENSHOT=path sav
 import os
 import tempfile
 
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-"))  # private: parallel runs collide
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -24,6 +25,7 @@ from PIL import Image  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 from .test_space_app import load_app  # noqa: E402
+
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_MS = 120_000  # generous: the CI machine's two cores may be shared

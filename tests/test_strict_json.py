@@ -12,6 +12,7 @@ from diffusers_diffit import DiffiTPipeline, EDMHeunScheduler, embedded_model_pa
 from tests.test_conversion import official_layout_checkpoint
 from tests.test_pipeline import make_pipe, tiny_transformer, tiny_vae
 
+
 PACKAGE = Path(embedded_model_path("digits")).parents[1]
 
 

@@ -11,6 +11,7 @@ from diffusers_diffit.models.attention import BIAS_CAPABLE_BACKENDS
 from tests.reference_diffit import ReferenceDiffiT, randomize_, timestep_embedding
 from tests.utils import relative_error
 
+
 TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
 
 

@@ -8,6 +8,7 @@ from accelerate import init_empty_weights
 from diffusers_diffit import DIFFIT_UNET_CONFIGS, DiffiTUNet2DModel
 from diffusers_diffit.models.unet_diffit import DiffiTResBlock, window_merge, window_partition
 
+
 TINY = dict(
     sample_size=16,
     in_channels=1,

@@ -12,6 +12,7 @@
 
 from pathlib import Path
 
+
 EMBEDDED_MODELS = ("digits",)
 
 

@@ -23,6 +23,7 @@ from .metrics import (
     precision_recall,
 )
 
+
 __all__ = [
     "METRICS",
     "DINOv2FeatureExtractor",

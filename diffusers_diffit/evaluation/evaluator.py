@@ -30,6 +30,7 @@ from .features import (
 )
 from .metrics import FeatureStatistics, frechet_distance, inception_score, precision_recall
 
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("fid", "sfid", "is", "precision", "recall", "fd_dinov2")

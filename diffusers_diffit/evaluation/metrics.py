@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 

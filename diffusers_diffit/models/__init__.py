@@ -2,6 +2,7 @@ from .attention import DiffiTAttention, DiffiTAttnProcessor, DiffiTTransformerBl
 from .transformer_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
 from .unet_diffit import DIFFIT_UNET_CONFIGS, DiffiTResBlock, DiffiTUNet2DModel
 
+
 __all__ = [
     "DIFFIT_CONFIGS",
     "DIFFIT_UNET_CONFIGS",

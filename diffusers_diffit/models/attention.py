@@ -21,6 +21,7 @@ from torch import nn
 
 from .embeddings import get_relative_position_index
 
+
 # Kernels that accept an additive float bias. Flash kernels (flash-attn, torch's flash SDPA, sage, NPU, XLA) do not.
 BIAS_CAPABLE_BACKENDS = (
     AttentionBackendName.NATIVE,

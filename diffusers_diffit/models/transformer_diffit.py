@@ -13,6 +13,7 @@ from ..utils import check_class_labels, check_timestep
 from .attention import DiffiTModelMixin, DiffiTTransformerBlock
 from .embeddings import DiffiTConditioningEmbedding, get_2d_sincos_pos_embed
 
+
 # The released models (SPEC.md §2). Only the latent side differs between resolutions.
 DIFFIT_XL_2 = dict(
     patch_size=2,

@@ -27,6 +27,7 @@ from ..utils import check_class_labels, check_timestep
 from .attention import DiffiTModelMixin, DiffiTTransformerBlock
 from .embeddings import DiffiTConditioningEmbedding
 
+
 # The paper's image-space models (SPEC.md §4). Dropout is EDM's DDPM++ value for each dataset (DiffiT trains with
 # the EDM recipe and does not state its own).
 DIFFIT_UNET_CONFIGS = {

@@ -10,6 +10,7 @@ from .compatibility import (
 )
 from .scheduling_edm_heun import EDMHeunScheduler, EDMHeunSchedulerOutput
 
+
 __all__ = [
     "DENOISER_TYPES",
     "PRESETS",

@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .scheduling_edm_heun import EDMHeunScheduler
 
+
 DENOISER_TYPES = ("ddpm", "edm")
 
 # Schedulers verified to drive each denoiser type (tests/test_scheduler_compatibility.py samples a Gaussian data set
