@@ -257,7 +257,9 @@ def test_images_from_a_folder(tmp_path):
     np.testing.assert_array_equal(loaded[:3], images)
     np.testing.assert_array_equal(loaded[3:][0], np.repeat(images[0, ..., :1], 3, axis=-1))
     features = extract_features(loaded, TinyExtractor(), batch_size=3, progress=False)
-    np.testing.assert_allclose(features["pool"], extract_features(loaded[:], TinyExtractor(), progress=False)["pool"])
+    whole = extract_features(loaded[:], TinyExtractor(), progress=False)["pool"]
+    # a tolerance: batches of 3 and of 4 may run other kernels (seen on MKL's SSE4.2 path: 1.5e-8 apart)
+    np.testing.assert_allclose(features["pool"], whole, rtol=1e-5, atol=1e-7)
     Image.fromarray(_images(1, 3, side=9)[0]).save(tmp_path / "004.png")
     with pytest.raises(ValueError, match="004.png"):
         extract_features(load_images(tmp_path), TinyExtractor(), batch_size=2, progress=False)
