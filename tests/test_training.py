@@ -441,8 +441,13 @@ def test_cached_latents_train_exactly_like_encoding_on_the_fly(work, tmp_path):
     images = load_file(tmp_path / "images" / "transformer" / "diffusion_pytorch_model.safetensors")
     start = tiny_transformer(num_classes=3).state_dict()
     assert any(not torch.allclose(cached[k], start[k]) for k in cached)  # it trained
-    for k in cached:  # same data, same noise: only the VAE's batch size differs
-        torch.testing.assert_close(cached[k], images[k], rtol=1e-5, atol=1e-5)
+    # Same data, same noise; only the VAE's batch size differs, so the latents differ in the last bits, which Adam
+    # can amplify for a parameter whose gradient is near zero (it normalises every gradient). The two runs must
+    # agree far better than either moved: within 1e-5 on this CPU's default kernels, 1.1e-4 on AVX2 kernels with one
+    # thread, against a training movement of ~3e-3 (lr 1e-3, 3 steps).
+    moved = max((cached[k] - start[k]).abs().max().item() for k in cached)
+    worst = max((cached[k] - images[k]).abs().max().item() for k in cached)
+    assert worst <= 0.1 * moved, (worst, moved)
     # the VAE a latents folder was made with is the pipeline's VAE
     assert DiffiTPipeline.from_pretrained(tmp_path / "cached").vae is not None
 
