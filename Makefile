@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample lint test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
+.PHONY: setup sample lint browser test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,14 @@ $(VENV)/.installed: setup.cfg constraints-ci.txt
 sample: setup
 	$(VENV)/bin/diffit sample --labels 3 1 4 --num-images-per-label 8 --output grid.png
 
-test: setup
+# Debian's Chromium for the Space's browser tests, installed when missing (Playwright drives it; its own browser
+# download is not used). They fail without it, unless DIFFIT_SKIP_UI=1.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 # ruff with diffusers' settings (pyproject.toml): pyflakes, pycodestyle errors and warnings, import order.
