@@ -189,6 +189,8 @@ def resolve_model(model: str | None) -> str:
 
     if model is None:
         return embedded_model_path("digits")
+    if not model.strip():
+        raise UsageError("--model", "empty value: give a pipeline folder or a Hub id (omit it for the digits model)")
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -79,6 +79,6 @@ def lookup_label_ids(labels: str | Sequence[str], id2label: Mapping[int, list[st
         hint = ", ".join(f"{spelling[name]!r} ({', '.join(map(str, sorted(index[name])))})" for name in close)
         raise ValueError(
             f"Unknown class label {label!r}. "
-            + (f"Closest matches: {hint}." if hint else "No close match; see the pipeline's `id2label`.")
+            + (f"Closest matches: {hint}." if hint else "No close match.")
         )
     return ids

@@ -190,8 +190,7 @@ def resolve_classes(pipe: DiffiTPipeline, classes: list[str] | str | None) -> li
                 names = class_choices(pipe)
                 hint = (f"This model's classes are {', '.join(names)}." if len(names) <= 20
                         else "Type part of a name in the Classes box to search the list.")
-                message = str(error).replace(" No close match; see the pipeline's `id2label`.", "")
-                raise ValueError(f"{message} {hint}") from None
+                raise ValueError(f"{error} {hint}") from None
     return ids
 
 

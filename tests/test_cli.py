@@ -49,6 +49,7 @@ BAD = [  # (arguments, option named in the one-line message, words of the messag
     (["--num-images-per-label", "0"], "--num-images-per-label", "in [1, 1024]"),
     (["--labels", "1", "2", "--num-images-per-label", "1000"], "--num-images-per-label", "2000 images"),
     (["--model", "./nonexistent"], "--model", "no such folder './nonexistent'"),
+    (["--model", ""], "--model", "empty value"),
     (["--model", "someone/no-such-repo"], "--model", "neither a local folder nor a Hub repo"),
     (["--output", "g"], "--output", "no image extension"),
     (["--output", "some_dir/"], "--output", "is a directory"),

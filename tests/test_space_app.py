@@ -123,7 +123,7 @@ def test_class_picker_lists_every_imagenet_class_once_and_resolves_them(app):
 
 
 def test_unknown_digit_class_lists_the_model_classes(app, pipe):
-    with pytest.raises(ValueError, match=r"Unknown class label 'seven'\. This model's classes are 0, 1, 2"):
+    with pytest.raises(ValueError, match=r"Unknown class label 'seven'\. No close match\. This model's classes are 0, 1, 2"):
         app.resolve_classes(pipe, ["seven"])
     assert app.resolve_classes(pipe, []) == [] and app.resolve_classes(pipe, None) == []
 

@@ -198,7 +198,7 @@ def test_bad_seed_and_bad_class_show_a_message_and_keep_the_images(page):
     set_seed(page, "5")
     type_custom_class(page, "seven")
     page.locator("#generate").click()
-    expect_error(page, "Unknown class label 'seven'. This model's classes are 0, 1, 2")
+    expect_error(page, "Unknown class label 'seven'. No close match. This model's classes are 0, 1, 2")
     assert gallery_sources(page) == sources
     assert page.locator("#gallery img").evaluate_all("images => images.every(i => i.naturalWidth > 0)")
 
