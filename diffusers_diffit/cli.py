@@ -26,7 +26,7 @@ from PIL import Image
 from .embedded import embedded_model_path
 from .evaluation.evaluator import add_evaluate_parser, run_evaluate
 from .labels import imagenet_id2label, lookup_label_ids, normalize_id2label
-from .schedulers.compatibility import PRESETS, scheduler_presets
+from .schedulers.compatibility import PRESETS, infer_denoiser_type, scheduler_presets
 from .utils import is_finite_number
 
 
@@ -213,8 +213,6 @@ def resolve_model(model: str | None) -> str:
 
 
 def read_model_info(folder: str) -> ModelInfo:
-    from .schedulers.compatibility import COMPATIBLE
-
     index = json.loads(Path(folder, "model_index.json").read_text())
     transformer = json.loads(Path(folder, "transformer", "config.json").read_text())
     scheduler = json.loads(Path(folder, "scheduler", "scheduler_config.json").read_text())
@@ -223,7 +221,7 @@ def read_model_info(folder: str) -> ModelInfo:
         id2label = normalize_id2label(index["id2label"])
     else:
         id2label = imagenet_id2label() if num_classes == 1000 else {}
-    denoiser_type = index.get("denoiser_type") or ("edm" if scheduler["_class_name"] in COMPATIBLE["edm"] else "ddpm")
+    denoiser_type = index.get("denoiser_type") or infer_denoiser_type(scheduler["_class_name"])
     horizon = scheduler.get("num_train_timesteps") if denoiser_type == "ddpm" else None
     return ModelInfo(folder, num_classes, id2label, denoiser_type, horizon)
 

@@ -109,11 +109,11 @@ class DiffiTPipeline(DiffusionPipeline):
         recipe = check_guidance_recipe(
             guidance_scale, guidance_schedule, guidance_power, guided_channels, guidance_interval, config.in_channels
         )
-        denoiser_type = denoiser_type or infer_denoiser_type(scheduler)
+        denoiser_type = denoiser_type or infer_denoiser_type(type(scheduler).__name__)
         self.register_to_config(
             id2label=id2label, num_inference_steps=num_inference_steps, **recipe, denoiser_type=denoiser_type
         )
-        self.scheduler = check_scheduler(scheduler, denoiser_type)  # the gate of every later assignment too
+        self.scheduler = scheduler  # through the gate in __setattr__, now that denoiser_type is registered
         self.vae_scale_factor = vae_scale_factor(vae)
         self._interrupt = False
 
@@ -254,11 +254,12 @@ class DiffiTPipeline(DiffusionPipeline):
             **OFFICIAL_RECIPES[image_size],
         )
 
-    def check_inputs(self, num_inference_steps, recipe: dict, output_type, callback_on_step_end_tensor_inputs):
-        """Every argument checked before any work; `recipe` is the guidance recipe with the defaults filled in."""
+    def check_inputs(self, num_inference_steps, recipe: dict, output_type, callback_on_step_end_tensor_inputs) -> dict:
+        """Every argument checked before any work; `recipe` is the guidance recipe with the defaults filled in.
+        Returns it normalised (`check_guidance_recipe`)."""
         config = self.transformer.config
         check_steps(num_inference_steps)
-        check_guidance_recipe(**recipe, in_channels=config.in_channels)
+        recipe = check_guidance_recipe(**recipe, in_channels=config.in_channels)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -274,13 +275,16 @@ class DiffiTPipeline(DiffusionPipeline):
         if recipe["guidance_schedule"] == "power-cosine":
             training_horizon(self.scheduler)  # raises for schedulers without discrete training timesteps
         # the scheduler may have been changed in place since it was assigned
-        self.scheduler = check_scheduler(self.scheduler, self.denoiser_type)
+        checked = check_scheduler(self.scheduler, self.denoiser_type)
+        if checked is not self.scheduler:  # adapted (variance_type=None): keep the adapted one
+            self.scheduler = checked
         if self._keeps_learned_variance() and config.out_channels != 2 * config.in_channels:
             raise ValueError(
                 f"The scheduler has `variance_type={self.scheduler.config.variance_type!r}` but the model predicts "
                 f"no variance (out_channels={config.out_channels}, in_channels={config.in_channels}); use a fixed "
                 "variance type."
             )
+        return recipe
 
     def prepare_class_labels(self, class_labels, num_images_per_label: int, device) -> torch.Tensor | None:
         """Ids and names -> int64 [len · num_images_per_label] (each label repeated), or None (unconditional).
@@ -407,8 +411,8 @@ class DiffiTPipeline(DiffusionPipeline):
         recipe = {key: cfg[key] if value is None else value for key, value in given.items()}
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(num_inference_steps, recipe, output_type, callback_on_step_end_tensor_inputs)
-        for key, value in check_guidance_recipe(**recipe, in_channels=self.transformer.config.in_channels).items():
+        recipe = self.check_inputs(num_inference_steps, recipe, output_type, callback_on_step_end_tensor_inputs)
+        for key, value in recipe.items():
             setattr(self, f"_{key}", value)
         self._interrupt = False
 

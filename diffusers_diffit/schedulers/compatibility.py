@@ -160,10 +160,10 @@ def check_scheduler(scheduler: SchedulerMixin, denoiser_type: str, current: Sche
 _NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
-def infer_denoiser_type(scheduler: SchedulerMixin) -> str:
-    """The denoiser type a pipeline saved without `denoiser_type` was made for, from its scheduler: EDM σ-space
-    schedulers mean "edm", everything else "ddpm"."""
-    return "edm" if type(scheduler).__name__ in COMPATIBLE["edm"] else "ddpm"
+def infer_denoiser_type(scheduler_class_name: str) -> str:
+    """The denoiser type a pipeline saved without `denoiser_type` was made for, from its scheduler's class name:
+    EDM σ-space schedulers mean "edm", everything else "ddpm"."""
+    return "edm" if scheduler_class_name in COMPATIBLE["edm"] else "ddpm"
 
 
 def scheduler_presets(denoiser_type: str) -> list[str]:
@@ -175,7 +175,7 @@ def scheduler_presets(denoiser_type: str) -> list[str]:
 def scheduler_from_preset(name: str, current: SchedulerMixin, denoiser_type: str | None = None) -> SchedulerMixin:
     """A new scheduler of preset `name`, built from `current`'s config (the model's noise schedule) and checked with
     `check_scheduler`. `denoiser_type` defaults to the one `current` implies."""
-    denoiser_type = denoiser_type or infer_denoiser_type(current)
+    denoiser_type = denoiser_type or infer_denoiser_type(type(current).__name__)
     allowed = scheduler_presets(denoiser_type)
     if name not in allowed:
         close = difflib.get_close_matches(str(name), allowed, n=1)
