@@ -48,20 +48,20 @@ demo: setup
 	$(PY) space_app/app.py
 
 bench: setup
-	$(PY) benchmarks/bench_transformer.py
+	$(PY) -m benchmarks.bench_transformer
 
 # The CPU comparison of the README: fp32, 2 threads, batch 2, against the NVIDIA-like reference, paired rounds.
 bench-cpu: setup
-	$(PY) benchmarks/bench_transformer.py --device cpu --threads 2 --only ours --repeats 9
+	$(PY) -m benchmarks.bench_transformer --device cpu --threads 2 --only ours --repeats 9
 
 # On a CUDA machine (CI has none): the tests marked `gpu`, then the GPU suite (one table, <= 8 min on an H100/H200).
 gpu-check: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests
-	$(PY) benchmarks/gpu_suite.py
+	$(PY) -m benchmarks.gpu_suite
 
 # The suite's every code path on a tiny config, on the CPU (what `gpu-check` runs, minus the GPU).
 gpu-suite-smoke: setup
-	$(PY) benchmarks/gpu_suite.py --tiny --device cpu --resolutions 256 512 --dtypes bf16 --batches 1 2 --repeats 1 --window 1 --warmup 1
+	$(PY) -m benchmarks.gpu_suite --tiny --device cpu --resolutions 256 512 --dtypes bf16 --batches 1 2 --repeats 1 --window 1 --warmup 1
 
 # sdist + wheel in dist/, `twine check`, then tests/test_packaging.py on them: a fresh venv with only the wheel samples.
 dist: setup

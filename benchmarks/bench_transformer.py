@@ -10,9 +10,9 @@ with packed weights (what this package uses for CPU float32 inference). Timings 
 by round, so machine noise spreads over all of them; "× NVIDIA-like" is the median over rounds of each round's
 ratio to the NVIDIA-like reference of the same round, with the interquartile range of those ratios as the noise.
 
-    python benchmarks/bench_transformer.py                       # CPU fp32 (GPU: bf16 and fp16 too), 256 and 512 px
-    python benchmarks/bench_transformer.py --resolutions 256 --repeats 5
-    python benchmarks/bench_transformer.py --device cpu --threads 2 --only ours --repeats 9   # the CPU comparison
+    python -m benchmarks.bench_transformer                       # CPU fp32 (GPU: bf16 and fp16 too), 256 and 512 px
+    python -m benchmarks.bench_transformer --resolutions 256 --repeats 5
+    python -m benchmarks.bench_transformer --device cpu --threads 2 --only ours --repeats 9   # the CPU comparison
 """
 
 import argparse
@@ -24,17 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch import nn
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffusers import DiTTransformer2DModel  # noqa: E402
-from diffusers.models.attention_dispatch import _AttentionBackendRegistry  # noqa: E402
-
-from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel  # noqa: E402
-from diffusers_diffit.loading import convert_state_dict, infer_config  # noqa: E402
-from tests.reference_diffit import Attention, ReferenceDiffiT  # noqa: E402
+from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
+from diffusers_diffit.loading import convert_state_dict, infer_config
+from tests.reference_diffit import Attention, ReferenceDiffiT
 
 
 REFERENCE = "reference, NVIDIA-like"

@@ -15,29 +15,23 @@ of a batch (its share of the sampling time), a latent training step at batch 32 
 checkpointing (bf16 autocast, AdamW), and the GPU-hours a 50k-image official-recipe run takes at the best setting.
 Weights are random (speed does not depend on them); nothing is downloaded.
 
-    python benchmarks/gpu_suite.py                      # the full table on CUDA
-    python benchmarks/gpu_suite.py --tiny --device cpu  # every code path on a tiny config, quickly
+    python -m benchmarks.gpu_suite                      # the full table on CUDA
+    python -m benchmarks.gpu_suite --tiny --device cpu  # every code path on a tiny config, quickly
 """
 
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: E402
-
-from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel  # noqa: E402
-from diffusers_diffit.guidance import apply_guidance, guidance_weight  # noqa: E402
-from diffusers_diffit.pipelines import OFFICIAL_RECIPES, official_scheduler  # noqa: E402
-from tests.reference_diffit import ReferenceDiffiT  # noqa: E402
+from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
+from diffusers_diffit.guidance import apply_guidance, guidance_weight
+from diffusers_diffit.pipelines import OFFICIAL_RECIPES, official_scheduler
+from tests.reference_diffit import ReferenceDiffiT
 
 
 STEPS = 250  # the official recipe

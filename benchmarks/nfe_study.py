@@ -3,11 +3,11 @@ limited interval of noise levels (Kynkäänniemi et al. 2024, "Applying guidance
 and distribution quality in diffusion models").
 
     # the shipped digits model (CPU): append one JSON line per (sampler, calls, guidance, draw) to --results
-    python benchmarks/nfe_study.py run --samplers edm-heun edm-euler dpmpp-2m --calls 6 8 10 12 --seeds 0
-    python benchmarks/nfe_study.py report --plot benchmarks/nfe_digits.png   # markdown table + PNG from --results
+    python -m benchmarks.nfe_study run --samplers edm-heun edm-euler dpmpp-2m --calls 6 8 10 12 --seeds 0
+    python -m benchmarks.nfe_study report --plot benchmarks/nfe_digits.png   # markdown table + PNG from --results
 
     # a converted ImageNet pipeline (GPU): FID of `diffusers_diffit.evaluation` against ADM's reference batch
-    python benchmarks/nfe_study.py run --model DiffiT-XL-2-256 --reference VIRTUAL_imagenet256_labeled.npz \\
+    python -m benchmarks.nfe_study run --model DiffiT-XL-2-256 --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth --num-samples 10000 --batch-size 125 \\
         --device cuda --samplers ddpm dpmpp-2m dpmpp-3m unipc-2 --calls 250 12 18 25 --guidance full \\
         --results nfe_imagenet256.jsonl
@@ -35,7 +35,7 @@ ImageNet-256 the power-cosine ramp to 4.4), `interval` (constant w = `--interval
 level σ lies in (σ_lo, σ_hi] = `--interval-sigmas`, default (0.28, 5.42] as EDM2 in Kynkäänniemi et al.; σ of a
 discrete timestep t is √((1 − ᾱ_t)/ᾱ_t)).
 
-Digits quality: `benchmarks/quality_digits.py`'s judge (SVM accuracy, Fréchet distance on MLP and PCA-16 features,
+Digits quality: `diffusers_diffit.evaluation.digits.DigitsJudge` (SVM accuracy, Fréchet distance on MLP and PCA-16 features,
 500 samples per draw, 50 per class, seed s = one draw; every sampler gets the same labels and initial noise per seed).
 """
 
@@ -43,7 +43,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -59,17 +58,11 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_digits import Judge, sample_ink  # noqa: E402
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train_digits import digits_split  # noqa: E402
-
-from diffusers_diffit import DiffiTPipeline, embedded_model_path  # noqa: E402
-from diffusers_diffit.edm import edm_preconditioning  # noqa: E402
-from diffusers_diffit.schedulers import EDMHeunScheduler  # noqa: E402
+from diffusers_diffit import DiffiTPipeline, embedded_model_path
+from diffusers_diffit.data.digits import digits_split
+from diffusers_diffit.edm import edm_preconditioning
+from diffusers_diffit.evaluation.digits import DigitsJudge, sample_digit_ink
+from diffusers_diffit.schedulers import EDMHeunScheduler
 
 
 logger = logging.getLogger("nfe_study")
@@ -235,10 +228,10 @@ class DigitsScorer:
     def __init__(self, args):
         self.per_class = args.per_class
         train_ink, train_labels, _, _ = digits_split()
-        self.judge = Judge(train_ink, train_labels)
+        self.judge = DigitsJudge(train_ink, train_labels)
 
     def __call__(self, pipe, steps, seed, kwargs) -> dict:
-        scores = self.judge(*sample_ink(pipe, self.per_class, seed, num_inference_steps=steps, **kwargs))
+        scores = self.judge(*sample_digit_ink(pipe, self.per_class, seed, num_inference_steps=steps, **kwargs))
         return {k: scores[k] for k in ("accuracy", "fd_mlp", "fd_pca")}
 
 

@@ -51,6 +51,16 @@ def _description(names: list[str]) -> str:
     return ", ".join(names)
 
 
+def label_index(id2label: Mapping[int, list[str]]) -> dict[str, set[int]]:
+    """Lower-cased name -> the ids of the classes it names: every synonym, and each class's full description
+    ("tench, tinca tinca"). The one matching rule of names to classes."""
+    index: dict[str, set[int]] = {}
+    for class_id, names in id2label.items():
+        for name in (*names, _description(names)):
+            index.setdefault(name.lower(), set()).add(class_id)
+    return index
+
+
 def lookup_label_ids(labels: str | Sequence[str], id2label: Mapping[int, list[str]]) -> list[int]:
     """Class ids of names: a case-insensitive exact match on any synonym or on the full description
     ("tench, Tinca tinca"). Unknown names raise `ValueError` with the closest matches; names shared by several
@@ -59,11 +69,10 @@ def lookup_label_ids(labels: str | Sequence[str], id2label: Mapping[int, list[st
         labels = [labels]
     elif not isinstance(labels, Sequence) or not all(isinstance(label, str) for label in labels):
         raise ValueError(f"`labels` must be a string or a list of strings, got {labels!r}.")
-    index: dict[str, set[int]] = {}  # lower-cased name -> ids
-    spelling: dict[str, str] = {}  # lower-cased name -> as written
-    for class_id, names in id2label.items():
+    index = label_index(id2label)
+    spelling: dict[str, str] = {}  # lower-cased name -> as first written
+    for names in id2label.values():
         for name in (*names, _description(names)):
-            index.setdefault(name.lower(), set()).add(class_id)
             spelling.setdefault(name.lower(), name)
 
     ids = []

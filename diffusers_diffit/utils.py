@@ -1,8 +1,10 @@
-"""Input checks shared by the DiffiT models: every bad input is a `ValueError` naming the argument."""
+"""Small helpers shared across the package: input checks (every bad input is a `ValueError` naming the argument)
+and seeds derived from keys."""
 
 import math
 import numbers
 
+import numpy as np
 import torch
 
 
@@ -59,3 +61,12 @@ def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) ->
 def is_finite_number(value) -> bool:
     """A real number (int, float, numpy scalar; not a bool) that is neither NaN nor infinite."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that depends only on the non-negative integer `keys`, e.g. (seed, global_step, micro_step,
+    process_index): randomness drawn from it is the same in a resumed run as in an uninterrupted one. Neighbouring
+    keys give independent streams (numpy's `SeedSequence` hashing)."""
+    if any(k < 0 for k in keys):
+        raise ValueError(f"`keys` must be non-negative integers, got {keys}.")
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffusers_diffit.training import ImageDataset, load_vae
+from diffusers_diffit.data import ImageDataset, load_vae
 
 
 logger = get_logger(__name__)

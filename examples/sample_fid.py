@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_diffit.pipelines import DiffiTPipeline
-from diffusers_diffit.training import derive_seed
+from diffusers_diffit.utils import derive_seed
 
 
 logger = get_logger(__name__)

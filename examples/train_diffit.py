@@ -1,20 +1,23 @@
 #!/usr/bin/env python
 """Train or fine-tune DiffiT with 🤗 accelerate, from one CPU to many GPUs and nodes (examples/README.md).
 
-- Latent DiffiT (`DiffiTTransformer2DModel` + a VAE, or latents cached by precompute_latents.py): ε-MSE plus the
-  variational-bound term for the learned variance (ADM / DiT hybrid loss), DDPM noising with linear betas.
-- Image-space DiffiT (`DiffiTUNet2DModel`): the EDM loss and preconditioning.
+One loop for every model kind; what a step minimises is the `--objective` (diffusers_diffit/losses.py):
+- "edm": the EDM loss and preconditioning; the default for image-space models (`DiffiTUNet2DModel`, and diffusers'
+  `UNet2DModel` with `--architecture unet`).
+- "ddpm-hybrid": ε-MSE plus the variational-bound term for a learned variance (ADM / DiT), DDPM noising; the default
+  for the latent `DiffiTTransformer2DModel`, trained on VAE latents (`--vae`, the pipeline's VAE, or `--latents_dir`).
 
-Label dropout for classifier-free guidance happens inside the model (`class_dropout_prob`). All randomness of a
-step (timesteps, noise, VAE posterior samples, label dropout, dropout) is drawn from seeds that depend only on
-(--seed, optimizer step, micro-batch, process), and the data order and augmentation only on (--seed, epoch), so a
-run resumed with `--resume_from_checkpoint latest` ends with the weights of an uninterrupted one.
+Labels are replaced by the null class with probability `--label_dropout` (classifier-free guidance). All randomness of
+a step (noise, timesteps, VAE posterior samples, label dropout, dropout) is drawn from seeds that depend only on
+(--seed, optimizer step, micro-batch, process), and the data order and augmentation only on (--seed, epoch), so a run
+resumed with `--resume_from_checkpoint latest` ends with the weights of an uninterrupted one.
 
-The output is a pipeline folder that `DiffiTPipeline.from_pretrained(output_dir)` loads (EMA weights with
---use_ema), with a model card; `checkpoint-<step>` folders sit next to it.
+The output is a pipeline folder that `DiffiTPipeline.from_pretrained(output_dir)` loads (EMA weights with --use_ema),
+with a model card; `checkpoint-<step>` folders sit next to it.
 """
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -26,8 +29,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -39,48 +42,60 @@ from tqdm.auto import tqdm
 from diffusers_diffit import (
     DIFFIT_CONFIGS,
     DIFFIT_UNET_CONFIGS,
+    DiffiTPipeline,
     DiffiTTransformer2DModel,
     DiffiTUNet2DModel,
     EDMHeunScheduler,
+    official_scheduler,
 )
-from diffusers_diffit.edm import edm_loss
+from diffusers_diffit.checkpointing import CheckpointManager, register_diffusers_hooks
+from diffusers_diffit.data import ImageDataset, LatentDataset, load_vae
+from diffusers_diffit.data.digits import DIGITS_CONFIGS
+from diffusers_diffit.finetuning import default_class_map, resize_class_embedding, set_class_dropout_prob
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, download_pipeline, push_to_hub
-from diffusers_diffit.pipelines import DiffiTPipeline, official_scheduler
-from diffusers_diffit.training import (
-    CheckpointManager,
-    EpochSampler,
-    HybridDiffusionLoss,
-    ImageDataset,
-    LatentDataset,
-    default_class_map,
-    derive_seed,
-    load_vae,
-    resize_class_embedding,
-    set_class_dropout_prob,
-)
+from diffusers_diffit.losses import OBJECTIVES
+from diffusers_diffit.pipelines import RECIPE_KEYS
+from diffusers_diffit.pipelines.pipeline_diffit import vae_scale_factor
+from diffusers_diffit.schedulers.compatibility import scheduler_support
+from diffusers_diffit.utils import derive_seed
 
 
 logger = get_logger(__name__)
-RECIPE_KEYS = ("num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power", "guided_channels",
-               "guidance_interval")
-MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel)}
-NAMED_CONFIGS = {**{k: ("DiffiTTransformer2DModel", v) for k, v in DIFFIT_CONFIGS.items()},
-                 **{k: ("DiffiTUNet2DModel", v) for k, v in DIFFIT_UNET_CONFIGS.items()}}
+MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel, UNet2DModel)}
+# Named configs: {architecture: config with its `_class_name`}; "unet" is diffusers' UNet2DModel of about the same size.
+NAMED_CONFIGS = {
+    **{name: {"diffit": {"_class_name": "DiffiTTransformer2DModel", **c}} for name, c in DIFFIT_CONFIGS.items()},
+    **{name: {"diffit": {"_class_name": "DiffiTUNet2DModel", **c}} for name, c in DIFFIT_UNET_CONFIGS.items()},
+    "DiffiT-digits": DIGITS_CONFIGS,
+}
+DEFAULT_OBJECTIVE = {"DiffiTTransformer2DModel": "ddpm-hybrid", "DiffiTUNet2DModel": "edm", "UNet2DModel": "edm"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                fromfile_prefix_chars="@")  # `@file`: more flags, one per line (examples/digits.args)
     model = p.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", help="A DiffiT pipeline folder or Hub id to fine-tune.")
     model.add_argument(
         "--model_config_name_or_path",
         help=f"Train from scratch: a config.json, a model folder, or one of {sorted(NAMED_CONFIGS)}.",
     )
+    model.add_argument("--architecture", choices=["diffit", "unet"], default="diffit",
+                       help="unet: diffusers' UNet2DModel of about the same size as the named DiffiT config, the "
+                            "baseline of the digits benchmark (named configs with a U-Net: "
+                            f"{sorted(k for k, v in NAMED_CONFIGS.items() if 'unet' in v)}).")
+    model.add_argument("--config_overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="Replace entries of the config (from scratch), VALUE as JSON: window_size=8 "
+                            "block_out_channels=[48,64,64].")
     model.add_argument("--vae", help="AutoencoderKL folder / Hub id (or a pipeline with a `vae`) for latent training "
                        "from scratch; default: the pretrained pipeline's VAE, or the one --latents_dir was made with.")
     model.add_argument("--num_classes", type=int, help="Classes of the trained model (0 = unconditional); "
                        "default: the dataset's class count. Fine-tuning re-shapes the label table (see README).")
-    model.add_argument("--class_dropout_prob", type=float, help="Label dropout for CFG; default: the model's.")
+    model.add_argument("--objective", choices=sorted(OBJECTIVES),
+                       help="What a step minimises; default: the pretrained pipeline's kind of denoiser, or "
+                            f"{DEFAULT_OBJECTIVE} by model class.")
+    model.add_argument("--recipe_from", help="A pipeline folder whose scheduler and sampling defaults the written "
+                       "pipeline takes; default: the pretrained pipeline's, or the objective's default.")
     data = p.add_argument_group("data")
     data.add_argument("--train_data_dir", help="ImageFolder: one sub-folder per class, sorted names -> label ids.")
     data.add_argument("--dataset_name", help="A 🤗 datasets name (optional dependency `datasets`).")
@@ -101,6 +116,8 @@ def parse_args(argv=None):
     train.add_argument("--max_train_steps", type=int, help="Optimizer steps; overrides --num_epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--label_dropout", type=float, default=0.1,
+                       help="Probability of training a label as the null class (classifier-free guidance).")
     train.add_argument("--learning_rate", type=float, default=1e-4)
     train.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch · accumulation · processes.")
     train.add_argument("--lr_scheduler", default="constant",
@@ -116,7 +133,10 @@ def parse_args(argv=None):
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: the accelerate config.")
     train.add_argument("--allow_tf32", action="store_true")
     train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (saved as the result).")
-    train.add_argument("--ema_decay", type=float, default=0.9999, help="Constant EMA decay (the paper's 0.9999).")
+    train.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (the paper's 0.9999).")
+    train.add_argument("--ema_warmup", action="store_true",
+                       help="Decay min(ema_decay, 1 − (1 + step)^−3/4) (diffusers' EMA warm-up), for short runs; "
+                            "default: constant.")
     train.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory.")
     ckpt = p.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500)
@@ -146,20 +166,39 @@ def parse_args(argv=None):
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.num_classes is not None and args.num_classes < 0:
         p.error(f"--num_classes must be >= 0 (0 = unconditional), got {args.num_classes}")
-    if args.class_dropout_prob is not None and not 0 <= args.class_dropout_prob < 1:
-        p.error(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}")
+    if not 0 <= args.label_dropout < 1:
+        p.error(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.latents_dir and args.center_crop:
         p.error("--center_crop does not apply to --latents_dir (latents were cropped when they were encoded)")
+    if args.pretrained_model_name_or_path and (args.architecture != "diffit" or args.config_overrides):
+        p.error("--architecture and --config_overrides apply to training from scratch only")
+    try:
+        args.config_overrides = dict(_parse_override(item) for item in args.config_overrides)
+    except ValueError as e:
+        p.error(f"--config_overrides: {e}")
     return args
 
 
-def scratch_config(args) -> tuple[type, dict]:
-    """--model_config_name_or_path -> (model class, config without diffusers' private keys)."""
-    name = args.model_config_name_or_path
+def _parse_override(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(f"the value of {key!r} is not JSON: {value!r} (strings need quotes)") from None
+
+
+def scratch_config(name: str, architecture: str, overrides: dict) -> tuple[type, dict]:
+    """--model_config_name_or_path (+ --architecture, --config_overrides) -> (model class, config without diffusers'
+    private keys)."""
     if name in NAMED_CONFIGS:
-        class_name, config = NAMED_CONFIGS[name]
+        if architecture not in NAMED_CONFIGS[name]:
+            with_unet = sorted(k for k, v in NAMED_CONFIGS.items() if architecture in v)
+            raise ValueError(f"`--architecture` {architecture!r} has no config named {name!r}; it has {with_unet}.")
+        config = NAMED_CONFIGS[name][architecture]
     else:
         path = Path(name)
         path = path / "config.json" if path.is_dir() else path
@@ -167,17 +206,21 @@ def scratch_config(args) -> tuple[type, dict]:
             raise ValueError(f"`--model_config_name_or_path` {name!r} is not a config file, a model folder, or one of "
                              f"{sorted(NAMED_CONFIGS)}.")
         config = json.loads(path.read_text())
-        class_name = config.get("_class_name")
-        if class_name not in MODEL_CLASSES:
-            raise ValueError(f"{path} has `_class_name` {class_name!r}; allowed: {sorted(MODEL_CLASSES)}.")
-    return MODEL_CLASSES[class_name], {k: v for k, v in config.items() if not k.startswith("_")}
+    class_name = config.get("_class_name")
+    if class_name not in MODEL_CLASSES:
+        raise ValueError(f"{name} has `_class_name` {class_name!r}; allowed: {sorted(MODEL_CLASSES)}.")
+    model_cls = MODEL_CLASSES[class_name]
+    unknown = sorted(set(overrides) - set(inspect.signature(model_cls.__init__).parameters))
+    if unknown:
+        raise ValueError(f"`--config_overrides` {unknown} are not {class_name} config entries.")
+    return model_cls, {**{k: v for k, v in config.items() if not k.startswith("_")}, **overrides}
 
 
-def default_recipe(model_cls: type, config: dict) -> tuple:
-    """(scheduler, sampling defaults) a new pipeline ships with: EDM Heun with 18 steps for the U-Net (the paper's
-    CIFAR-10 setting); for the transformer SPEC.md §3's DDPM (learned-range variance when the model predicts it)
+def default_recipe(objective: str, config: dict) -> tuple:
+    """(scheduler, sampling defaults) a new pipeline ships with: EDM Heun with 18 steps for an EDM denoiser (the
+    paper's CIFAR-10 setting); for a DDPM one SPEC.md §3's DDPM (learned-range variance when the model predicts it)
     with the release's 250 steps, no guidance."""
-    if model_cls is DiffiTUNet2DModel:
+    if objective == "edm":
         return EDMHeunScheduler(), {"num_inference_steps": 18}
     scheduler = official_scheduler()
     if config.get("out_channels") != 2 * config["in_channels"]:
@@ -185,7 +228,7 @@ def default_recipe(model_cls: type, config: dict) -> tuple:
     return scheduler, {"num_inference_steps": 250}
 
 
-def model_card_text(args, model_cls, num_items, num_classes, steps, total_batch) -> str:
+def model_card_text(args, model_cls, objective, num_items, num_classes, steps, total_batch) -> str:
     base = args.pretrained_model_name_or_path
     if base is None:
         origin = "trained from scratch"
@@ -194,17 +237,16 @@ def model_card_text(args, model_cls, num_items, num_classes, steps, total_batch)
     else:
         origin = f"fine-tuned from [{base}](https://huggingface.co/{base})"
     data = args.train_data_dir or args.dataset_name or f"latents in {args.latents_dir}"
-    objective = ("the EDM loss and preconditioning" if model_cls is DiffiTUNet2DModel
-                 else "ε-MSE + the variational-bound term for the learned variance (ADM / DiT hybrid loss)")
     labels = "[0, 1]" if num_classes else "None"
+    ema = f"EMA {args.ema_decay}{' with warm-up' if args.ema_warmup else ''} (these are the EMA weights)"
     return f"""# DiffiT ({model_cls.__name__})
 
 [DiffiT](https://arxiv.org/abs/2312.02139) {origin} with `examples/train_diffit.py` of diffusers-diffit.
 
-- data: {data} ({num_items} items, {num_classes or 'no'} classes)
-- objective: {objective}
+- data: {data} ({num_items} items, {num_classes or 'no'} classes{f', label dropout {args.label_dropout}' if num_classes else ''})
+- objective: `{objective.name}` (diffusers_diffit/losses.py)
 - {steps} optimizer steps of batch {total_batch}, learning rate {args.learning_rate} ({args.lr_scheduler}),
-  {"EMA " + str(args.ema_decay) + " (these are the EMA weights)" if args.use_ema else "no EMA"}, seed {args.seed}
+  {ema if args.use_ema else "no EMA"}, seed {args.seed}
 
 ## Usage
 
@@ -226,14 +268,35 @@ images = pipe(class_labels={labels}, generator=torch.manual_seed(0)).images
 
 def build_dataset(args, resolution: int, channels: int):
     if args.latents_dir:
-        return LatentDataset(args.latents_dir, random_flip=args.random_flip)
-    kwargs = dict(channels=channels, center_crop=args.center_crop, random_flip=args.random_flip)
+        return LatentDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
+    kwargs = dict(channels=channels, center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
     if args.train_data_dir:
         return ImageDataset.from_folder(args.train_data_dir, resolution, **kwargs)
     return ImageDataset.from_hub(
         args.dataset_name, resolution, image_column=args.image_column, label_column=args.label_column,
         config_name=args.dataset_config_name, cache_dir=args.cache_dir, **kwargs,
     )
+
+
+def validate(pipeline: DiffiTPipeline, args, num_classes: int, step: int, accelerator, output_dir: Path):
+    """Sample a labelled grid with the pipeline's scheduler; save it and send it to the trackers."""
+    pipeline.set_progress_bar_config(disable=True)
+    labels = (args.validation_labels or list(range(min(num_classes, 8)))) if num_classes else []
+    images = pipeline(
+        class_labels=labels or None, num_images_per_label=args.num_validation_images,
+        num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+        generator=torch.Generator(accelerator.device).manual_seed(args.seed), output_type="np",
+    ).images
+    grid = make_image_grid(numpy_to_pil(images), rows=max(len(labels), 1), cols=args.num_validation_images)
+    (output_dir / "samples").mkdir(exist_ok=True)
+    grid.save(output_dir / "samples" / f"step-{step:07d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid, caption=f"labels {labels}")]}, step=step)
 
 
 def main(argv=None):
@@ -245,6 +308,8 @@ def main(argv=None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / args.logging_dir)),
+        # one shuffle per epoch from (seed, epoch); the datasets draw their augmentation from (seed, epoch, index)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -257,8 +322,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    # ---- model, VAE, data
-    pipe, pretrained_id2label, base_license, base_model = None, None, "other", None
+    # ---- what the run starts from: a pretrained pipeline, or a config
+    pipe, base_license, base_model = None, "other", None
     if args.pretrained_model_name_or_path:
         base_folder = download_pipeline(args.pretrained_model_name_or_path)
         if not Path(args.pretrained_model_name_or_path).is_dir():  # the card's `base_model` names Hub repos only
@@ -267,35 +332,44 @@ def main(argv=None):
             base_license = ModelCard.load(Path(base_folder) / "README.md").data.license or base_license
         pipe = DiffiTPipeline.from_pretrained(base_folder)
         model_cls, config = type(pipe.transformer), dict(pipe.transformer.config)
-        sampling_scheduler, pretrained_id2label = pipe.scheduler, pipe.id2label
-        recipe = {k: pipe.config[k] for k in RECIPE_KEYS}
+        default_objective = next(k for k, v in OBJECTIVES.items() if v.denoiser_type == pipe.denoiser_type)
         vae = load_vae(args.vae) if args.vae else pipe.vae
     else:
-        model_cls, config = scratch_config(args)
-        sampling_scheduler, recipe = default_recipe(model_cls, config)
+        model_cls, config = scratch_config(args.model_config_name_or_path, args.architecture, args.config_overrides)
+        default_objective = DEFAULT_OBJECTIVE[model_cls.__name__]
         vae = load_vae(args.vae) if args.vae else None
+    objective_cls = OBJECTIVES[args.objective or default_objective]
+    recipe_pipe = DiffiTPipeline.from_pretrained(args.recipe_from) if args.recipe_from else pipe
+    if recipe_pipe is not None:
+        sampling_scheduler, recipe = recipe_pipe.scheduler, {k: recipe_pipe.config[k] for k in RECIPE_KEYS}
+    else:
+        sampling_scheduler, recipe = default_recipe(objective_cls.name, config)
+    reason = scheduler_support(type(sampling_scheduler), objective_cls.denoiser_type)
+    if reason is not None:
+        raise ValueError(f"`--objective` {objective_cls.name!r} trains a {objective_cls.denoiser_type!r} denoiser, but "
+                         f"the written pipeline would sample with {type(sampling_scheduler).__name__} ({reason}); "
+                         "pass --recipe_from a pipeline whose scheduler fits, or another --objective.")
+    objective = objective_cls.from_scheduler(sampling_scheduler)
     if vae is None and args.latents_dir:
         vae = load_vae(json.loads((Path(args.latents_dir) / "metadata.json").read_text())["vae"])
-    is_edm = model_cls is DiffiTUNet2DModel
+    in_channels = config["in_channels"]
     if vae is not None:
-        if vae.config.latent_channels != config["in_channels"]:
+        if vae.config.latent_channels != in_channels:
             raise ValueError(f"The VAE has {vae.config.latent_channels} latent channels but the model takes "
-                             f"{config['in_channels']}.")
+                             f"{in_channels}.")
         vae.requires_grad_(False).eval()
-        resolution = config["sample_size"] * 2 ** (len(vae.config.block_out_channels) - 1)
-        channels = vae.config.in_channels
-    else:
-        resolution, channels = config["sample_size"], config["in_channels"]
+    resolution = config["sample_size"] * vae_scale_factor(vae)
     if args.resolution is not None and args.resolution != resolution:
         raise ValueError(f"`--resolution` {args.resolution} does not match the model: it trains at {resolution} px "
                          f"(sample_size {config['sample_size']}{' × the VAE factor' if vae else ''}).")
-    dataset = build_dataset(args, resolution, channels)
+
+    # ---- data and classes
+    dataset = build_dataset(args, resolution, vae.config.in_channels if vae is not None else in_channels)
     if args.latents_dir and (dataset.metadata["resolution"] != resolution
                              or dataset.metadata["scaling_factor"] != vae.config.scaling_factor):
         raise ValueError(f"--latents_dir {args.latents_dir} was encoded at {dataset.metadata['resolution']} px with "
                          f"scaling factor {dataset.metadata['scaling_factor']}; this run needs {resolution} px and "
                          f"{vae.config.scaling_factor}.")
-
     classes = dataset.classes
     num_classes = args.num_classes if args.num_classes is not None else len(classes or [])
     if num_classes and classes is None:
@@ -308,35 +382,34 @@ def main(argv=None):
             raise ValueError(f"`--validation_labels` {bad} must be class ids in [0, {num_classes}).")
         if not num_classes and args.validation_guidance_scale != 1:
             raise ValueError("`--validation_guidance_scale` must be 1 for an unconditional model.")
+    id2label = {i: classes[i] if i < len(classes) else str(i) for i in range(num_classes)} if num_classes else None
+
+    # ---- the model: the pretrained one with its label table re-shaped, or a new one
     if pipe is not None:
         model = pipe.transformer
-        class_map = default_class_map(classes, pretrained_id2label, config["num_classes"], num_classes)
+        class_map = default_class_map(classes, pipe.id2label, config["num_classes"], num_classes)
         if num_classes != config["num_classes"] or class_map != list(range(num_classes)):
             kept = sum(j is not None for j in class_map)
             logger.info(f"Label table: {config['num_classes']} -> {num_classes} classes, {kept} kept, "
                         f"{num_classes - kept} new (they start from the null row)")
             resize_class_embedding(model, num_classes, class_map)
-        if args.class_dropout_prob is not None:
-            set_class_dropout_prob(model, args.class_dropout_prob)
         del pipe
+    elif model_cls is UNet2DModel:  # diffusers' class table; its last row is the null class
+        model = UNet2DModel.from_config({**config, "num_class_embeds": num_classes + 1 if num_classes else None})
+        model.register_to_config(num_classes=num_classes)  # what DiffiTPipeline reads
     else:
-        overrides = {"num_classes": num_classes}
-        if args.class_dropout_prob is not None:
-            overrides["class_dropout_prob"] = args.class_dropout_prob
-        model = model_cls.from_config({**config, **overrides})
-    id2label = {i: classes[i] if i < len(classes) else str(i) for i in range(num_classes)} if num_classes else None
-
-    def make_pipeline(transformer) -> DiffiTPipeline:
-        return DiffiTPipeline(transformer=transformer, scheduler=sampling_scheduler, vae=vae, id2label=id2label,
-                              **recipe)
-
+        model = model_cls.from_config({**config, "num_classes": num_classes})
+    if isinstance(model, (DiffiTTransformer2DModel, DiffiTUNet2DModel)):
+        set_class_dropout_prob(model, 0.0)  # labels are dropped here, the same way for every architecture
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     ema = None
-    if args.use_ema:  # constant decay from the second update on (min_decay = decay); the first copies the weights
-        ema = EMAModel(model.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, model_cls=type(model),
-                       model_config=model.config)
+    if args.use_ema:  # the first update copies the weights
+        warmup = dict(use_ema_warmup=True, power=3 / 4) if args.ema_warmup else dict(min_decay=args.ema_decay)
+        ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config,
+                       **warmup)
+    logger.info(f"{model_cls.__name__}: {model.num_parameters():,} parameters")
 
     # ---- optimisation
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -351,8 +424,7 @@ def main(argv=None):
         optimizer_cls = torch.optim.AdamW
     optimizer = optimizer_cls(model.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    sampler = EpochSampler(len(dataset), args.seed)
-    train_dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, drop_last=True,
+    train_dataloader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                   num_workers=args.dataloader_num_workers)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if len(train_dataloader) == 0:
@@ -366,35 +438,20 @@ def main(argv=None):
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
+    ema_device = "cpu" if args.offload_ema else accelerator.device
     if ema is not None:
-        ema.to(accelerator.device if not args.offload_ema else "cpu")
+        ema.to(ema_device)
     if vae is not None:  # fp32 weights (saved with the pipeline), encoding under autocast
         vae.to(accelerator.device)
-    noise_scheduler = None if is_edm else DDPMScheduler.from_config(sampling_scheduler.config)
-    hybrid_loss = None if is_edm else HybridDiffusionLoss(noise_scheduler)
 
-    # ---- checkpoints: the model and EMA as diffusers folders (hooks), the rest by accelerate
-    def save_model_hook(models, weights, checkpoint_dir):
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(checkpoint_dir, "model"))
-            if ema is not None:
-                ema.save_pretrained(os.path.join(checkpoint_dir, "model_ema"))
-        weights.clear()
+    def make_pipeline(transformer) -> DiffiTPipeline:
+        return DiffiTPipeline(transformer=transformer, scheduler=sampling_scheduler, vae=vae, id2label=id2label,
+                              **recipe)
 
-    def load_model_hook(models, checkpoint_dir):
-        target = accelerator.unwrap_model(models.pop())
-        loaded = type(target).from_pretrained(checkpoint_dir, subfolder="model")
-        target.load_state_dict(loaded.state_dict())
-        if ema is not None:
-            loaded_ema = EMAModel.from_pretrained(os.path.join(checkpoint_dir, "model_ema"), type(target))
-            ema.load_state_dict(loaded_ema.state_dict())
-            ema.to(accelerator.device if not args.offload_ema else "cpu")
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    # ---- checkpoints and resuming
+    register_diffusers_hooks(accelerator, ema, ema_device)
     checkpoints = CheckpointManager(output_dir, accelerator, args.checkpoints_total_limit)
     checkpoints.remove_partial()
-
     global_step = 0
     if args.resume_from_checkpoint:
         path = checkpoints.resolve(args.resume_from_checkpoint)
@@ -404,19 +461,17 @@ def main(argv=None):
             accelerator.load_state(str(path))
             global_step = CheckpointManager.step_of(path)
             logger.info(f"Resumed from {path} at step {global_step}")
-
     if accelerator.is_main_process:
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+        tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(args.tracker_project_name, config=tracked)
     logger.info(f"{len(dataset)} items, {num_classes or 'no'} classes, {max_train_steps} steps of {total_batch} "
                 f"(batch {args.train_batch_size} × {accelerator.num_processes} processes × "
-                f"{args.gradient_accumulation_steps} accumulation), {'EDM' if is_edm else 'DDPM hybrid'} loss, "
+                f"{args.gradient_accumulation_steps} accumulation), objective {objective.name}, "
                 f"{'latent' if vae is not None else 'pixel'} space")
 
     def compute_loss(batch, seed: int) -> tuple[torch.Tensor, dict]:
         generator = torch.Generator(accelerator.device).manual_seed(seed)
-        torch.manual_seed(seed)  # randomness inside the model: label dropout, dropout
-        labels = batch["class_labels"] if num_classes else None
+        torch.manual_seed(seed)  # randomness inside the model (dropout)
         if "moments" in batch:
             x0 = DiagonalGaussianDistribution(batch["moments"]).sample(generator) * vae.config.scaling_factor
         elif vae is not None:
@@ -425,45 +480,12 @@ def main(argv=None):
             x0 = DiagonalGaussianDistribution(moments).sample(generator) * vae.config.scaling_factor
         else:
             x0 = batch["pixel_values"]
-        if is_edm:
-            loss = edm_loss(model, x0, labels, generator=generator)
-            return loss, {}
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
-                                  generator=generator, device=x0.device)
-        x_t = noise_scheduler.add_noise(x0, noise, timesteps)
-        output = model(x_t, timesteps, class_labels=labels).sample
-        terms = hybrid_loss(output, x0, x_t, noise, timesteps)
-        return terms["loss"].mean(), {"mse": terms["mse"].mean().item(), "vlb": terms["vlb"].mean().item()}
-
-    def validate(step: int):
-        pipe_model = accelerator.unwrap_model(model)
-        if ema is not None:
-            ema.store(pipe_model.parameters())
-            ema.copy_to(pipe_model.parameters())
-        pipe_model.eval()
-        pipeline = make_pipeline(pipe_model)
-        pipeline.set_progress_bar_config(disable=True)
-        labels = (args.validation_labels or list(range(min(num_classes, 8)))) if num_classes else []
-        rows = max(len(labels), 1)
-        images = pipeline(
-            class_labels=labels or None, num_images_per_label=args.num_validation_images,
-            num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
-            generator=torch.Generator(accelerator.device).manual_seed(args.seed), output_type="np",
-        ).images
-        pipe_model.train()
-        if ema is not None:
-            ema.restore(pipe_model.parameters())
-        grid = make_image_grid(numpy_to_pil(images), rows=rows, cols=args.num_validation_images)
-        (output_dir / "samples").mkdir(exist_ok=True)
-        grid.save(output_dir / "samples" / f"step-{step:07d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", images, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation": [wandb.Image(grid, caption=f"labels {labels}")]}, step=step)
+        labels = None
+        if num_classes:  # classifier-free guidance: some labels become the null class
+            labels = batch["class_labels"]
+            dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < args.label_dropout
+            labels = torch.where(dropped, num_classes, labels)
+        return objective(model, x0, labels, generator)
 
     # ---- the loop
     first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
@@ -474,7 +496,7 @@ def main(argv=None):
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
-        train_dataloader.set_epoch(epoch)  # accelerate passes it on to the sampler at every `iter` (also when skipping)
+        train_dataloader.set_epoch(epoch)  # the sampler's shuffle and the dataset's augmentation
         loader = train_dataloader
         if epoch == first_epoch and skip_batches:  # resumed inside an epoch
             loader = skip_first_batches(train_dataloader, skip_batches)
@@ -513,25 +535,30 @@ def main(argv=None):
             if global_step % args.checkpointing_steps == 0:
                 checkpoints.save(global_step)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate(global_step)
+                trained = accelerator.unwrap_model(model)
+                if ema is not None:
+                    ema.store(trained.parameters())
+                    ema.copy_to(trained.parameters())
+                validate(make_pipeline(trained.eval()), args, num_classes, global_step, accelerator, output_dir)
+                trained.train()
+                if ema is not None:
+                    ema.restore(trained.parameters())
             if global_step >= max_train_steps:
                 break
     progress.close()
     if timed_steps:
         logger.info(f"Throughput: {timed_steps / (time.perf_counter() - start):.3f} steps/s over {timed_steps} steps")
 
-    # ---- the result: a pipeline folder (EMA weights when --use_ema)
+    # ---- the result: a pipeline folder (EMA weights with --use_ema)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(final.parameters())
-        final.eval()
-        make_pipeline(final).save_pretrained(output_dir)
+        make_pipeline(final.eval()).save_pretrained(output_dir)
+        text = model_card_text(args, model_cls, objective, len(dataset), num_classes, max_train_steps, total_batch)
         card = create_model_card(
-            output_dir, model_card_text(args, model_cls, len(dataset), num_classes, max_train_steps, total_batch),
-            license=args.license or base_license,
-            base_model=base_model,
+            output_dir, text, license=args.license or base_license, base_model=base_model,
             tags=["diffit", "diffusers-diffit", "image-generation",
                   "class-conditional" if num_classes else "unconditional-image-generation"],
         )

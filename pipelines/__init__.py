@@ -1,4 +1,4 @@
-from .pipeline_diffit import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
+from .pipeline_diffit import OFFICIAL_RECIPES, RECIPE_KEYS, DiffiTPipeline, official_scheduler
 
 
-__all__ = ["OFFICIAL_RECIPES", "DiffiTPipeline", "official_scheduler"]
+__all__ = ["OFFICIAL_RECIPES", "RECIPE_KEYS", "DiffiTPipeline", "official_scheduler"]

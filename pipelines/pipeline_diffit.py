@@ -41,6 +41,11 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _LEARNED_VARIANCE = ("learned", "learned_range")
 
 
+# The sampling defaults a pipeline saves in model_index.json.
+RECIPE_KEYS = ("num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power", "guided_channels",
+               "guidance_interval")
+
+
 def official_scheduler() -> DDPMScheduler:
     """ADM's diffusion (1000 linear betas 1e-4 → 0.02, ε, learned-range variance, no clipping); with 250 inference
     steps diffusers' linspace spacing gives the official respaced timesteps round(linspace(0, 999, 250))."""

@@ -1,3 +1,4 @@
+import json
 import os
 
 
@@ -28,3 +29,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def train_assets(tmp_path_factory) -> dict:
+    """What the training tests train on: a tiny VAE folder, tiny model configs, RGB and grayscale ImageFolders."""
+    from tests.utils import tiny_vae, write_image_folder
+
+    root = tmp_path_factory.mktemp("training")
+    tiny_vae().save_pretrained(root / "vae")
+    transformer = dict(_class_name="DiffiTTransformer2DModel", sample_size=8, patch_size=2, in_channels=4,
+                       out_channels=8, num_layers=2, num_attention_heads=2, attention_head_dim=8)
+    unet = dict(_class_name="DiffiTUNet2DModel", sample_size=8, in_channels=1, block_out_channels=[16, 32],
+                layers_per_block=1, window_size=4, attention_head_dim=8, time_embedding_dim=32, norm_num_groups=4)
+    (root / "transformer.json").write_text(json.dumps(transformer))
+    (root / "unet.json").write_text(json.dumps(unet))
+    write_image_folder(root / "rgb", ["cat", "dog", "fish"], per_class=4)
+    write_image_folder(root / "gray", ["0", "1"], per_class=4, size=(8, 8), mode="L")
+    return {"root": root, "vae": root / "vae", "transformer": root / "transformer.json", "unet": root / "unet.json",
+            "rgb": root / "rgb", "gray": root / "gray"}

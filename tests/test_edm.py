@@ -9,7 +9,8 @@ from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from torch import nn
 
 from diffusers_diffit import DiffiTUNet2DModel, EDMHeunScheduler
-from diffusers_diffit.edm import edm_denoise, edm_loss, edm_loss_weight, edm_preconditioning, sample_training_sigmas
+from diffusers_diffit.edm import edm_denoise, edm_preconditioning
+from diffusers_diffit.losses import edm_loss, edm_loss_weight, sample_training_sigmas
 
 
 SIGMA_DATA = 0.5

@@ -3,7 +3,6 @@
 import configparser
 import fnmatch
 import importlib.metadata
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +11,12 @@ import torch
 from diffusers import EDMDPMSolverMultistepScheduler
 from sklearn.svm import SVC
 
-import diffusers_diffit
+import diffusers_diffit.cli
 from diffusers_diffit import DiffiTPipeline, DiffiTUNet2DModel, embedded_model_path
+from diffusers_diffit.data.digits import digits_split, model_to_ink
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-from train_digits import (  # noqa: E402
-    DIGITS_DIFFIT,
-    build_model,
-    diffit_overrides,
-    digits_split,
-    model_to_ink,
-    parse_args,
-)
-from train_digits import main as train_digits_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,37 +72,5 @@ def test_samples_are_the_digits_asked_for(pipe):
 
 
 def test_console_script_is_declared():
-    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("diffit") == "diffusers_diffit.cli:main"
-    assert diffusers_diffit.embedded_model_path is embedded_model_path
-
-
-def test_train_digits_defaults_are_the_shipped_config():
-    # The documented command trains what is shipped; the architecture flags only replace the entries they name.
-    shipped = DiffiTUNet2DModel.load_config(Path(embedded_model_path("digits")) / "transformer")
-    defaults = build_model("diffit", **diffit_overrides(parse_args([]))).config
-    as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # config.json stores lists
-    assert {k: as_json[k] for k in DIGITS_DIFFIT} == {k: shipped[k] for k in DIGITS_DIFFIT}
-    args = parse_args(["--window_size", "8", "--block_out_channels", "32", "48", "48", "--layers_per_block", "2"])
-    model = build_model("diffit", **diffit_overrides(args))
-    assert model.window_sizes == [8, 8, 4] and list(model.config.block_out_channels) == [32, 48, 48]
-    assert model.config.layers_per_block == 2 and model.config.mlp_ratio == shipped["mlp_ratio"]
-    with pytest.raises(ValueError, match="window_size"):
-        build_model("unet", window_size=8)
-
-
-def test_train_digits_trains_and_writes_a_loadable_pipeline(tmp_path):
-    """A few steps of the documented command: the raw and EMA models and a pipeline with the recipe asked for."""
-    threads = torch.get_num_threads()
-    train_digits_main(["--output_dir", str(tmp_path), "--max_train_steps", "3", "--lr_warmup_steps", "1",
-                "--block_out_channels", "16", "32", "32", "--time_embedding_dim", "32", "--num_inference_steps", "5"])
-    torch.set_num_threads(threads)
-    raw = DiffiTUNet2DModel.from_pretrained(tmp_path / "model")
-    pipe = DiffiTPipeline.from_pretrained(tmp_path / "pipeline")
-    assert pipe.config.num_inference_steps == 5 and pipe.config.guidance_scale == 1.25
-    assert list(pipe.transformer.config.block_out_channels) == [16, 32, 32]
-    ema, trained = dict(pipe.transformer.named_parameters()), dict(raw.named_parameters())
-    assert any(not torch.equal(ema[k], trained[k]) for k in ema)  # the pipeline holds the EMA weights
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe([4], num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
-    assert images.shape == (1, 1, 16, 16) and torch.isfinite(images).all()
+    (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "diffit"]
+    assert entry.value == "diffusers_diffit.cli:main" and entry.load() is diffusers_diffit.cli.main

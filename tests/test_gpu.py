@@ -15,14 +15,11 @@ from diffusers import DDIMScheduler
 from sklearn.svm import SVC
 
 from diffusers_diffit import DiffiTPipeline, embedded_model_path
-from diffusers_diffit.edm import edm_loss
+from diffusers_diffit.data.digits import digits_split, model_to_ink
+from diffusers_diffit.losses import edm_loss
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES
 from tests import test_pipeline, test_transformer, test_unet
 from tests.utils import relative_error
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train_digits import digits_split, model_to_ink  # noqa: E402
 
 
 pytestmark = pytest.mark.gpu
@@ -67,7 +64,7 @@ def test_unet_cuda_fp32_matches_cpu_and_every_cuda_backend_matches_in_fp16():
 
 def test_training_step_with_bf16_autocast_and_checkpointing():
     """The EDM loss and its gradients on CUDA under bf16 autocast with gradient checkpointing, against fp32 on the
-    CPU from the same noise draws (the generator stays on the CPU, as in examples/train_digits.py)."""
+    CPU from the same noise draws (the generator stays on the CPU)."""
     model = test_unet.tiny_model(class_dropout_prob=0.0).train()
     clean, labels = torch.randn(8, 1, 16, 16) * 0.5, torch.arange(8)
 

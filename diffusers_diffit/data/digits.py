@@ -1,0 +1,104 @@
+"""The digits benchmark: scikit-learn's bundled digits as training data for the model that ships inside the package,
+and the two models compared on it.
+
+- Data: 1797 8×8 images, ink 0…16, 10 classes. 50 random images per class are held out for
+  `benchmarks/quality_digits.py` (`digits_split`); training uses the other 1297. Pixel = ink / 16 mapped to [-1, 1]
+  (bright digits on a dark background), bilinearly upsampled to 16×16: the source holds 8×8 worth of information,
+  and 16×16 keeps three U-Net levels (16, 8, 4) with windowed attention at 16 and 8 and global attention at 4.
+- `write_digits_folder` writes the training split as an ordinary image folder (one sub-folder per class, 16-bit
+  grayscale PNGs, exact to 1/65535), which `examples/train_diffit.py --train_data_dir` reads like any other.
+- `DIGITS_CONFIGS`: the shipped `DiffiTUNet2DModel` (widths 32, 64, 64, one DiffiT ResBlock per level and side,
+  window 4, head dim 16; 758,453 parameters) and diffusers' `UNet2DModel` of about the same size (729,569: ResNet
+  blocks, attention at 8×8 and 4×4), the baseline of the README's quality table.
+
+Needs scikit-learn (the `train` and `test` extras).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+NUM_CLASSES = 10
+HELD_OUT_PER_CLASS = 50
+RESOLUTION = 16
+
+DIGITS_CONFIGS = {
+    "diffit": dict(
+        _class_name="DiffiTUNet2DModel",
+        sample_size=RESOLUTION,
+        in_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        window_size=4,
+        attention_head_dim=16,
+        time_embedding_dim=128,
+        frequency_embedding_size=64,
+        num_classes=NUM_CLASSES,
+        class_dropout_prob=0.0,
+    ),
+    "unet": dict(
+        _class_name="UNet2DModel",
+        sample_size=RESOLUTION,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 48, 48),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=16,
+        norm_num_groups=8,
+        num_class_embeds=NUM_CLASSES + 1,  # the last row is the null class of classifier-free guidance
+    ),
+}
+
+
+def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train ink [1297, 8, 8], train labels, held-out ink [500, 8, 8], held-out labels), ink in [0, 1]: 50 images
+    per class, drawn at random with `seed`, are held out."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    ink, labels = digits.images.astype(np.float32) / 16.0, digits.target
+    rng, held_out = np.random.default_rng(seed), np.zeros(len(labels), dtype=bool)
+    for c in range(NUM_CLASSES):
+        held_out[rng.choice(np.flatnonzero(labels == c), HELD_OUT_PER_CLASS, replace=False)] = True
+    return ink[~held_out], labels[~held_out], ink[held_out], labels[held_out]
+
+
+def _upsampling_matrix(size: int) -> torch.Tensor:
+    """The bilinear 8×8 -> size×size upsampling as a matrix [size², 64]."""
+    basis = torch.eye(64).view(64, 1, 8, 8)
+    return F.interpolate(basis, size=(size, size), mode="bilinear", align_corners=False).view(64, -1).T
+
+
+def ink_to_model(ink: np.ndarray | torch.Tensor, size: int = RESOLUTION) -> torch.Tensor:
+    """Ink [N, 8, 8] in [0, 1] -> model images [N, 1, size, size] in [-1, 1] (bilinear upsampling)."""
+    x = torch.as_tensor(ink, dtype=torch.float32).reshape(-1, 64) @ _upsampling_matrix(size).T
+    return (x * 2 - 1).view(-1, 1, size, size)
+
+
+def model_to_ink(images: torch.Tensor) -> np.ndarray:
+    """Model images [N, 1, s, s] in [-1, 1] -> ink [N, 8, 8] in [0, 1]: the least-squares inverse of the upsampling
+    (exact on upsampled real digits; the singular values of the bilinear map lie in [0.56, 2]), clipped."""
+    size = images.shape[-1]
+    x = (images.detach().float().cpu().reshape(len(images), -1) + 1) / 2
+    ink = x @ torch.linalg.pinv(_upsampling_matrix(size)).T
+    return ink.clamp(0, 1).view(-1, 8, 8).numpy()
+
+
+def write_digits_folder(root: str | os.PathLike, size: int = RESOLUTION) -> int:
+    """Write the training split into `root`/<digit>/<index>.png as 16-bit grayscale PNGs of `ink_to_model` images;
+    returns the number of images."""
+    train_ink, train_labels, _, _ = digits_split()
+    images = ink_to_model(train_ink, size)[:, 0]  # [N, size, size] in [-1, 1]
+    levels = ((images + 1) / 2 * 65535).round().to(torch.int32).numpy().astype(np.uint16)
+    for index, (pixels, label) in enumerate(zip(levels, train_labels)):
+        folder = Path(root) / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+    return len(levels)

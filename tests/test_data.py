@@ -1,0 +1,133 @@
+"""Training data (diffusers_diffit/data): image folders with seeded augmentation, 16-bit images, cached latents
+(examples/precompute_latents.py), accelerate's seeded data order, and the digits folder of the shipped model."""
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from diffusers import AutoencoderKL
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from diffusers_diffit.data import ImageDataset, LatentDataset, preprocess_image
+from diffusers_diffit.data.digits import digits_split, ink_to_model, model_to_ink, write_digits_folder
+from tests.utils import load_example, reset_accelerate, run_in_process, write_image_folder
+
+
+precompute_latents = load_example("precompute_latents")
+
+
+def views(data, index: int, epochs=range(12)) -> list[torch.Tensor]:
+    out = []
+    for epoch in epochs:
+        data.set_epoch(epoch)
+        out.append(data[index]["pixel_values" if isinstance(data, ImageDataset) else "moments"])
+    return out
+
+
+def test_image_dataset_from_folder_labels_and_seeded_augmentation(train_assets, tmp_path):
+    data = ImageDataset.from_folder(train_assets["rgb"], 16, random_flip=True, seed=3)
+    assert data.classes == ["cat", "dog", "fish"] and data.labels == [0] * 4 + [1] * 4 + [2] * 4
+    item = data[5]
+    assert item["pixel_values"].shape == (3, 16, 16) and item["class_labels"] == 1
+    assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
+    # an item is a pure function of (seed, epoch, index): the same again, and again in a fresh dataset
+    again = ImageDataset.from_folder(train_assets["rgb"], 16, random_flip=True, seed=3)
+    first, second = views(data, 5), views(again, 5)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert len({v.sum().item() for v in first}) > 1  # random crops / flips vary with the epoch
+    other_seed = views(ImageDataset.from_folder(train_assets["rgb"], 16, random_flip=True, seed=4), 5)
+    assert any(not torch.equal(a, b) for a, b in zip(first, other_seed))
+
+    plain = ImageDataset.from_folder(train_assets["rgb"], 16, center_crop=True)  # no randomness at all
+    centred = preprocess_image(Image.open(train_assets["rgb"] / "dog" / "1.png"), 16)
+    assert all(torch.equal(v, centred) for v in views(plain, 5, range(3)))
+
+    gray = ImageDataset.from_folder(train_assets["gray"], 8, channels=1)
+    assert gray[0]["pixel_values"].shape == (1, 8, 8)
+    flat = write_image_folder(tmp_path / "flat", ["x"], 2) / "x"
+    assert ImageDataset.from_folder(flat, 8).classes is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        ImageDataset.from_folder(tmp_path / "empty", 8)
+    with pytest.raises(ValueError, match="channels"):
+        preprocess_image(Image.open(train_assets["rgb"] / "dog" / "1.png"), 8, channels=2)
+
+
+def test_accelerate_seedable_sampler_order_depends_only_on_seed_and_epoch():
+    """The data order train_diffit.py relies on for exact resumes: accelerate's seedable sampler."""
+
+    def order(seed: int, epoch: int) -> list[int]:
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                                      data_seed=seed))
+        loader = accelerator.prepare(DataLoader(list(range(20)), batch_size=4, shuffle=True, drop_last=True))
+        loader.set_epoch(epoch)
+        result = [i for batch in loader for i in batch.tolist()]
+        reset_accelerate()
+        return result
+
+    first = order(0, 1)
+    assert sorted(first) == list(range(20)) and order(0, 1) == first
+    assert order(0, 2) != first and order(7, 1) != first
+
+
+def test_preprocess_image_resizes_short_side_and_centre_crops():
+    pixels = np.zeros((40, 80), dtype=np.uint8)
+    pixels[:, 30:50] = 255  # a white band in the middle of a wide image
+    out = preprocess_image(Image.fromarray(pixels), 10, channels=1)
+    assert out.shape == (1, 10, 10)
+    assert out[0, :, 5].min() > 0.9 and out[0, :, 0].max() < -0.9  # centre kept, sides cropped away
+
+
+def test_sixteen_bit_grayscale_keeps_its_precision():
+    levels = np.array([[0, 1, 32768, 65535]], dtype=np.uint16).repeat(4, 0)
+    out = preprocess_image(Image.fromarray(levels), 4, channels=1)
+    expected = torch.from_numpy(levels.astype(np.float64) / 65535 * 2 - 1).float()
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-7)
+    assert out[0, 0, 1] > -1  # one 16-bit level above black is not rounded away (8 bits would be)
+
+
+def test_digits_folder_holds_the_training_images(tmp_path):
+    """The folder train_diffit.py trains the shipped model from: the upsampled training digits to 1/65535."""
+    assert write_digits_folder(tmp_path) == 1297
+    data = ImageDataset.from_folder(tmp_path, 16, channels=1, center_crop=True)
+    assert data.classes == [str(d) for d in range(10)]
+    images = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
+    ink, labels, held_ink, _ = digits_split()
+    order = np.argsort(labels, kind="stable")  # the folder lists class by class
+    assert data.labels == labels[order].tolist()
+    assert (images - ink_to_model(ink)[order]).abs().max() <= 0.5 / 65535 * 2 + 1e-7
+    np.testing.assert_allclose(model_to_ink(ink_to_model(held_ink)), held_ink, atol=1e-5)  # the inverse map
+
+
+def test_precompute_latents_stores_vae_moments_and_resumes(train_assets, tmp_path):
+    out = tmp_path / "latents"
+    argv = ["--vae", train_assets["vae"], "--train_data_dir", train_assets["rgb"], "--resolution", 16, "--flip",
+            "--output_dir", out, "--shard_size", 5, "--batch_size", 3]
+    run_in_process(precompute_latents, argv)
+    data = LatentDataset(out, random_flip=True)
+    assert len(data) == 12 and data.classes == ["cat", "dog", "fish"] and len(data.shards) == 3
+
+    vae = AutoencoderKL.from_pretrained(train_assets["vae"])
+    images = ImageDataset.from_folder(train_assets["rgb"], 16, center_crop=True)
+    with torch.no_grad():
+        pixels = images[7]["pixel_values"][None]
+        expected = vae.encode(pixels).latent_dist.parameters[0]
+        expected_flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters[0]
+    seen = views(data, 7, range(16))
+    torch.testing.assert_close(LatentDataset(out)[7]["moments"], expected, rtol=1e-5, atol=1e-5)
+    assert LatentDataset(out)[7]["class_labels"] == 1 and len({tuple(m.flatten()[:3].tolist()) for m in seen}) == 2
+    assert any(torch.allclose(m, expected_flipped, rtol=1e-5, atol=1e-5) for m in seen)
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    run_in_process(precompute_latents, argv)  # finished shards are skipped
+    assert {p: p.stat().st_mtime_ns for p in out.glob("shard-*")} == stamps
+    with pytest.raises(ValueError, match="other settings"):
+        run_in_process(precompute_latents, argv[:-4] + ["--shard_size", 5, "--batch_size", 3, "--dtype", "float16"])
+    no_flip = tmp_path / "no-flip"
+    run_in_process(precompute_latents, ["--vae", train_assets["vae"], "--train_data_dir", train_assets["gray"],
+                                        "--resolution", 16, "--output_dir", no_flip])
+    with pytest.raises(ValueError, match="without --flip"):
+        LatentDataset(no_flip, random_flip=True)
