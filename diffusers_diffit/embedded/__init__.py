@@ -1,7 +1,8 @@
 """Pipelines shipped inside the package, so the package samples real images offline with no download.
 
 - "digits": a class-conditional `DiffiTUNet2DModel` (0.76 M parameters, 16×16, one channel) trained on
-  scikit-learn's digits with the EDM recipe by `examples/train_digits.py`. Default recipe (`benchmarks/nfe_study.py`):
+  scikit-learn's digits with the EDM recipe by `examples/train_diffit.py @examples/digits.args`
+  (`examples/prepare_digits.py`). Default recipe (`benchmarks/nfe_study.py`):
   diffusers' `EDMDPMSolverMultistepScheduler` (DPM-Solver++ 2M), 12 model calls, guidance 1.25 only at noise levels
   σ in [0.28, 5.42] (`guidance_interval` in the scheduler's c_noise = ln(σ)/4 units). The recipe it was released with,
   `EDMHeunScheduler` with 18 steps (35 calls) and guidance at every step, is still selectable (see README).
