@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample lint browser test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
+.PHONY: setup sample lint format browser test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
 
 setup: $(VENV)/.installed
 
@@ -27,9 +27,15 @@ browser:
 test: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-# ruff with diffusers' settings (pyproject.toml): pyflakes, pycodestyle errors and warnings, import order.
+# ruff with diffusers' settings (pyproject.toml): pyflakes, pycodestyle errors and warnings, import order, and the
+# formatting `make format` applies.
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # The numerical tests again on other CPU kernels (MKL's SSE4.2 path, one thread), the way another CPU (an AMD EPYC
 # takes other MKL paths than a Xeon) or another thread count would run them: comparisons that claim bitwise
