@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -228,6 +229,118 @@ def default_recipe(objective: str, config: dict) -> tuple:
     return scheduler, {"num_inference_steps": 250}
 
 
+@dataclass
+class Start:
+    """What a run starts from: the model's class and config (and the pretrained pipeline when fine-tuning), what a
+    step minimises, what the written pipeline samples with, and the VAE for latent models."""
+
+    model_cls: type
+    config: dict
+    objective: object
+    scheduler: object
+    recipe: dict
+    vae: object | None
+    pipe: DiffiTPipeline | None = None
+    license: str = "other"
+    base_model: str | None = None  # a Hub id, for the model card
+
+
+def starting_point(args) -> Start:
+    """A pretrained pipeline (fine-tuning) or a config (from scratch); the objective, checked against the scheduler
+    the written pipeline will sample with; the VAE."""
+    if args.pretrained_model_name_or_path:
+        folder = download_pipeline(args.pretrained_model_name_or_path)
+        pipe = DiffiTPipeline.from_pretrained(folder)
+        card = Path(folder) / "README.md"
+        start = Start(
+            type(pipe.transformer), dict(pipe.transformer.config), None, None, None, pipe.vae, pipe,
+            license=(ModelCard.load(card).data.license if card.is_file() else None) or "other",  # kept when tuning
+            base_model=None if Path(args.pretrained_model_name_or_path).is_dir() else args.pretrained_model_name_or_path,
+        )
+        default_objective = next(k for k, v in OBJECTIVES.items() if v.denoiser_type == pipe.denoiser_type)
+    else:
+        model_cls, config = scratch_config(args.model_config_name_or_path, args.architecture, args.config_overrides)
+        start = Start(model_cls, config, None, None, None, None)
+        default_objective = DEFAULT_OBJECTIVE[model_cls.__name__]
+    objective_cls = OBJECTIVES[args.objective or default_objective]
+    recipe_pipe = DiffiTPipeline.from_pretrained(args.recipe_from) if args.recipe_from else start.pipe
+    if recipe_pipe is not None:
+        start.scheduler, start.recipe = recipe_pipe.scheduler, {k: recipe_pipe.config[k] for k in RECIPE_KEYS}
+    else:
+        start.scheduler, start.recipe = default_recipe(objective_cls.name, start.config)
+    reason = scheduler_support(type(start.scheduler), objective_cls.denoiser_type)
+    if reason is not None:
+        raise ValueError(f"`--objective` {objective_cls.name!r} trains a {objective_cls.denoiser_type!r} denoiser, but "
+                         f"the written pipeline would sample with {type(start.scheduler).__name__} ({reason}); "
+                         "pass --recipe_from a pipeline whose scheduler fits, or another --objective.")
+    start.objective = objective_cls.from_scheduler(start.scheduler)
+
+    if args.vae:
+        start.vae = load_vae(args.vae)
+    elif start.vae is None and args.latents_dir:  # the VAE the latents were made with
+        start.vae = load_vae(json.loads((Path(args.latents_dir) / "metadata.json").read_text())["vae"])
+    if start.vae is not None:
+        if start.vae.config.latent_channels != start.config["in_channels"]:
+            raise ValueError(f"The VAE has {start.vae.config.latent_channels} latent channels but the model takes "
+                             f"{start.config['in_channels']}.")
+        start.vae.requires_grad_(False).eval()
+    return start
+
+
+def check_classes(args, classes: list[str] | None) -> tuple[int, dict | None]:
+    """(number of classes of the trained model, its id2label) from the dataset and --num_classes."""
+    num_classes = args.num_classes if args.num_classes is not None else len(classes or [])
+    if num_classes and classes is None:
+        raise ValueError("`--num_classes` > 0 needs a labelled dataset (one sub-folder / label per class).")
+    if num_classes and num_classes < len(classes):
+        raise ValueError(f"`--num_classes` {num_classes} is smaller than the dataset's {len(classes)} classes.")
+    if args.validation_steps:  # fail now, not at the first validation
+        bad = [y for y in args.validation_labels or [] if not 0 <= y < num_classes]
+        if bad:
+            raise ValueError(f"`--validation_labels` {bad} must be class ids in [0, {num_classes}).")
+        if not num_classes and args.validation_guidance_scale != 1:
+            raise ValueError("`--validation_guidance_scale` must be 1 for an unconditional model.")
+    id2label = {i: classes[i] if i < len(classes) else str(i) for i in range(num_classes)} if num_classes else None
+    return num_classes, id2label
+
+
+def build_model(args, start: Start, classes: list[str] | None, num_classes: int) -> torch.nn.Module:
+    """The pretrained model with its label table re-shaped for the dataset's classes, or a new one."""
+    if start.pipe is not None:
+        model, old = start.pipe.transformer, start.config["num_classes"]
+        class_map = default_class_map(classes, start.pipe.id2label, old, num_classes)
+        if num_classes != old or class_map != list(range(num_classes)):
+            kept = sum(j is not None for j in class_map)
+            logger.info(f"Label table: {old} -> {num_classes} classes, {kept} kept, {num_classes - kept} new (they "
+                        "start from the null row)")
+            resize_class_embedding(model, num_classes, class_map)
+        start.pipe = None  # only the model is trained on
+    elif start.model_cls is UNet2DModel:  # diffusers' class table; its last row is the null class
+        model = UNet2DModel.from_config({**start.config, "num_class_embeds": num_classes + 1 if num_classes else None})
+        model.register_to_config(num_classes=num_classes)  # what DiffiTPipeline reads
+    else:
+        model = start.model_cls.from_config({**start.config, "num_classes": num_classes})
+    if isinstance(model, (DiffiTTransformer2DModel, DiffiTUNet2DModel)):
+        set_class_dropout_prob(model, 0.0)  # labels are dropped by the training step, the same way for every model
+    logger.info(f"{type(model).__name__}: {model.num_parameters():,} parameters")
+    return model
+
+
+def make_optimizer(args, model: torch.nn.Module, total_batch: int) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam); --scale_lr multiplies the lr by the total batch."""
+    lr = args.learning_rate * total_batch if args.scale_lr else args.learning_rate
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(model.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
 def model_card_text(args, model_cls, objective, num_items, num_classes, steps, total_batch) -> str:
     base = args.pretrained_model_name_or_path
     if base is None:
@@ -322,85 +435,20 @@ def main(argv=None):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    # ---- what the run starts from: a pretrained pipeline, or a config
-    pipe, base_license, base_model = None, "other", None
-    if args.pretrained_model_name_or_path:
-        base_folder = download_pipeline(args.pretrained_model_name_or_path)
-        if not Path(args.pretrained_model_name_or_path).is_dir():  # the card's `base_model` names Hub repos only
-            base_model = args.pretrained_model_name_or_path
-        if (Path(base_folder) / "README.md").is_file():  # fine-tuned weights keep the base model's licence
-            base_license = ModelCard.load(Path(base_folder) / "README.md").data.license or base_license
-        pipe = DiffiTPipeline.from_pretrained(base_folder)
-        model_cls, config = type(pipe.transformer), dict(pipe.transformer.config)
-        default_objective = next(k for k, v in OBJECTIVES.items() if v.denoiser_type == pipe.denoiser_type)
-        vae = load_vae(args.vae) if args.vae else pipe.vae
-    else:
-        model_cls, config = scratch_config(args.model_config_name_or_path, args.architecture, args.config_overrides)
-        default_objective = DEFAULT_OBJECTIVE[model_cls.__name__]
-        vae = load_vae(args.vae) if args.vae else None
-    objective_cls = OBJECTIVES[args.objective or default_objective]
-    recipe_pipe = DiffiTPipeline.from_pretrained(args.recipe_from) if args.recipe_from else pipe
-    if recipe_pipe is not None:
-        sampling_scheduler, recipe = recipe_pipe.scheduler, {k: recipe_pipe.config[k] for k in RECIPE_KEYS}
-    else:
-        sampling_scheduler, recipe = default_recipe(objective_cls.name, config)
-    reason = scheduler_support(type(sampling_scheduler), objective_cls.denoiser_type)
-    if reason is not None:
-        raise ValueError(f"`--objective` {objective_cls.name!r} trains a {objective_cls.denoiser_type!r} denoiser, but "
-                         f"the written pipeline would sample with {type(sampling_scheduler).__name__} ({reason}); "
-                         "pass --recipe_from a pipeline whose scheduler fits, or another --objective.")
-    objective = objective_cls.from_scheduler(sampling_scheduler)
-    if vae is None and args.latents_dir:
-        vae = load_vae(json.loads((Path(args.latents_dir) / "metadata.json").read_text())["vae"])
-    in_channels = config["in_channels"]
-    if vae is not None:
-        if vae.config.latent_channels != in_channels:
-            raise ValueError(f"The VAE has {vae.config.latent_channels} latent channels but the model takes "
-                             f"{in_channels}.")
-        vae.requires_grad_(False).eval()
+    start = starting_point(args)
+    vae, config = start.vae, start.config
     resolution = config["sample_size"] * vae_scale_factor(vae)
     if args.resolution is not None and args.resolution != resolution:
         raise ValueError(f"`--resolution` {args.resolution} does not match the model: it trains at {resolution} px "
                          f"(sample_size {config['sample_size']}{' × the VAE factor' if vae else ''}).")
-
-    # ---- data and classes
-    dataset = build_dataset(args, resolution, vae.config.in_channels if vae is not None else in_channels)
+    dataset = build_dataset(args, resolution, vae.config.in_channels if vae is not None else config["in_channels"])
     if args.latents_dir and (dataset.metadata["resolution"] != resolution
                              or dataset.metadata["scaling_factor"] != vae.config.scaling_factor):
         raise ValueError(f"--latents_dir {args.latents_dir} was encoded at {dataset.metadata['resolution']} px with "
                          f"scaling factor {dataset.metadata['scaling_factor']}; this run needs {resolution} px and "
                          f"{vae.config.scaling_factor}.")
-    classes = dataset.classes
-    num_classes = args.num_classes if args.num_classes is not None else len(classes or [])
-    if num_classes and classes is None:
-        raise ValueError("`--num_classes` > 0 needs a labelled dataset (one sub-folder / label per class).")
-    if num_classes and num_classes < len(classes):
-        raise ValueError(f"`--num_classes` {num_classes} is smaller than the dataset's {len(classes)} classes.")
-    if args.validation_steps:  # fail now, not at the first validation
-        bad = [y for y in args.validation_labels or [] if not 0 <= y < num_classes]
-        if bad:
-            raise ValueError(f"`--validation_labels` {bad} must be class ids in [0, {num_classes}).")
-        if not num_classes and args.validation_guidance_scale != 1:
-            raise ValueError("`--validation_guidance_scale` must be 1 for an unconditional model.")
-    id2label = {i: classes[i] if i < len(classes) else str(i) for i in range(num_classes)} if num_classes else None
-
-    # ---- the model: the pretrained one with its label table re-shaped, or a new one
-    if pipe is not None:
-        model = pipe.transformer
-        class_map = default_class_map(classes, pipe.id2label, config["num_classes"], num_classes)
-        if num_classes != config["num_classes"] or class_map != list(range(num_classes)):
-            kept = sum(j is not None for j in class_map)
-            logger.info(f"Label table: {config['num_classes']} -> {num_classes} classes, {kept} kept, "
-                        f"{num_classes - kept} new (they start from the null row)")
-            resize_class_embedding(model, num_classes, class_map)
-        del pipe
-    elif model_cls is UNet2DModel:  # diffusers' class table; its last row is the null class
-        model = UNet2DModel.from_config({**config, "num_class_embeds": num_classes + 1 if num_classes else None})
-        model.register_to_config(num_classes=num_classes)  # what DiffiTPipeline reads
-    else:
-        model = model_cls.from_config({**config, "num_classes": num_classes})
-    if isinstance(model, (DiffiTTransformer2DModel, DiffiTUNet2DModel)):
-        set_class_dropout_prob(model, 0.0)  # labels are dropped here, the same way for every architecture
+    num_classes, id2label = check_classes(args, dataset.classes)
+    model = build_model(args, start, dataset.classes, num_classes)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -409,21 +457,11 @@ def main(argv=None):
         warmup = dict(use_ema_warmup=True, power=3 / 4) if args.ema_warmup else dict(min_decay=args.ema_decay)
         ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config,
                        **warmup)
-    logger.info(f"{model_cls.__name__}: {model.num_parameters():,} parameters")
+    objective = start.objective
 
     # ---- optimisation
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    lr = args.learning_rate * total_batch if args.scale_lr else args.learning_rate
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(model.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_optimizer(args, model, total_batch)
     train_dataloader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                   num_workers=args.dataloader_num_workers)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
@@ -445,8 +483,8 @@ def main(argv=None):
         vae.to(accelerator.device)
 
     def make_pipeline(transformer) -> DiffiTPipeline:
-        return DiffiTPipeline(transformer=transformer, scheduler=sampling_scheduler, vae=vae, id2label=id2label,
-                              **recipe)
+        return DiffiTPipeline(transformer=transformer, scheduler=start.scheduler, vae=vae, id2label=id2label,
+                              **start.recipe)
 
     # ---- checkpoints and resuming
     register_diffusers_hooks(accelerator, ema, ema_device)
@@ -492,7 +530,7 @@ def main(argv=None):
     skip_batches *= args.gradient_accumulation_steps
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    micro_step, timed_steps, start = 0, 0, None
+    micro_step, timed_steps, clock = 0, 0, None
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
@@ -522,8 +560,8 @@ def main(argv=None):
                     ema.to("cpu", non_blocking=True)
             global_step += 1
             progress.update(1)
-            if start is None:
-                start = time.perf_counter()  # throughput is timed from the end of the first step
+            if clock is None:
+                clock = time.perf_counter()  # throughput is timed from the end of the first step
             else:
                 timed_steps += 1
             logs = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0],
@@ -547,7 +585,7 @@ def main(argv=None):
                 break
     progress.close()
     if timed_steps:
-        logger.info(f"Throughput: {timed_steps / (time.perf_counter() - start):.3f} steps/s over {timed_steps} steps")
+        logger.info(f"Throughput: {timed_steps / (time.perf_counter() - clock):.3f} steps/s over {timed_steps} steps")
 
     # ---- the result: a pipeline folder (EMA weights with --use_ema)
     accelerator.wait_for_everyone()
@@ -556,9 +594,10 @@ def main(argv=None):
         if ema is not None:
             ema.copy_to(final.parameters())
         make_pipeline(final.eval()).save_pretrained(output_dir)
-        text = model_card_text(args, model_cls, objective, len(dataset), num_classes, max_train_steps, total_batch)
+        text = model_card_text(args, start.model_cls, objective, len(dataset), num_classes, max_train_steps,
+                               total_batch)
         card = create_model_card(
-            output_dir, text, license=args.license or base_license, base_model=base_model,
+            output_dir, text, license=args.license or start.license, base_model=start.base_model,
             tags=["diffit", "diffusers-diffit", "image-generation",
                   "class-conditional" if num_classes else "unconditional-image-generation"],
         )
