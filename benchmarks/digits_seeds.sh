@@ -39,4 +39,4 @@ for pid in "${pids[@]}"; do
     wait "$pid" || { echo "a training failed; see $out/*.log" >&2; exit 1; }
 done
 
-$py benchmarks/quality_digits.py ${QUALITY_FLAGS:-} --diffit "${diffit[@]}" --unet "${unet[@]}"
+$py -m benchmarks.quality_digits ${QUALITY_FLAGS:-} --diffit "${diffit[@]}" --unet "${unet[@]}"
