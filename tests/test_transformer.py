@@ -307,5 +307,7 @@ def test_bad_config_is_rejected():
         tiny_model(sample_size=15)
     with pytest.raises(ValueError, match="num_classes"):
         tiny_model(num_classes=-1)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny_model(num_attention_heads=3, attention_head_dim=2)
     with pytest.raises(ValueError, match="attention_kwargs"):
         tiny_model()(*inputs(), attention_kwargs={"scale": 1.0})

@@ -5,13 +5,14 @@ import os
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
 from .attention import DiffiTModelMixin, DiffiTTransformerBlock
-from .embeddings import DiffiTConditioningEmbedding, get_2d_sincos_pos_embed
+from .embeddings import DiffiTConditioningEmbedding
 
 
 # The released models (SPEC.md §2). Only the latent side differs between resolutions.
@@ -72,12 +73,18 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
             raise ValueError(f"`sample_size` {sample_size} must be divisible by `patch_size` {patch_size}.")
         if num_classes < 0:
             raise ValueError(f"`num_classes` must be >= 0 (0 = unconditional), got {num_classes}.")
-        self.out_channels = out_channels or in_channels
         dim = num_attention_heads * attention_head_dim
+        if dim % 4 != 0:
+            raise ValueError(
+                f"`num_attention_heads * attention_head_dim` = {dim} must be divisible by 4 (2-D sin-cos positions)."
+            )
+        self.out_channels = out_channels or in_channels
         grid = sample_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(dim, grid)[None], persistent=False)  # [1, T, C]
+        # MAE's fixed table; base_size=grid keeps the positions 0…grid-1 (diffusers' default of 16 would rescale them)
+        pos_embed = get_2d_sincos_pos_embed(dim, grid, base_size=grid).float()[None]  # [1, T, C]
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
         self.condition_embed = DiffiTConditioningEmbedding(dim, num_classes, class_dropout_prob, frequency_embedding_size)
         self.transformer_blocks = nn.ModuleList(
             DiffiTTransformerBlock(dim, num_attention_heads, attention_head_dim, window_size=grid, mlp_ratio=mlp_ratio)
