@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTAttnProcessor, DiffiTTransformer2DModel
 from diffusers_diffit.models.attention import BIAS_CAPABLE_BACKENDS
-from tests.reference_diffit import ReferenceDiffiT, randomize_, timestep_embedding
+from tests.reference_diffit import ReferenceDiffiT, randomize_, sincos_pos_embed, timestep_embedding
 from tests.utils import relative_error
 
 
@@ -123,6 +123,12 @@ def test_released_parameter_counts_on_meta(name, expected):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     frozen = model.pos_embed.numel()
     assert frozen == (model.config.sample_size // 2) ** 2 * 1152
+
+
+def test_positions_are_maes_table_and_derived_tensors_are_not_saved():
+    model = tiny_model()  # an 8x8 token grid: diffusers' default base_size (16) would halve the positions
+    assert torch.equal(model.pos_embed, torch.from_numpy(sincos_pos_embed(64, 8)).float()[None])
+    assert not [k for k in model.state_dict() if k.endswith(("pos_embed", "relative_position_index"))]
 
 
 def test_timestep_embedding_avoids_the_downscale_freq_shift_trap():
