@@ -179,7 +179,7 @@ def test_drift_is_detected(pixel_repo, tmp_path):
     DiffiTPipeline.from_pretrained(pixel_repo).save_pretrained(folder, remote_code=True)
     assert stale_remote_code_files(folder) == []
     code = folder / "transformer" / "unet_diffit.py"
-    code.write_text(code.read_text().replace("def window_partition(", "def window_partition_(", 1))
+    code.write_text(code.read_text().replace("def group_norm(", "def group_norm_(", 1))
     header = folder / "pipeline_diffit.py"
     header.write_text(header.read_text().replace(diffusers_diffit.__version__, "0.0.1", 1))
     assert stale_remote_code_files(folder) == ["pipeline_diffit.py", "transformer/unet_diffit.py"]

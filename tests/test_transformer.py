@@ -200,14 +200,15 @@ def test_set_attn_processor_swaps_every_block():
     calls = []
 
     class Recording(DiffiTAttnProcessor):
-        def __call__(self, attn, hidden_states, temb):
-            calls.append(hidden_states.shape)
-            return super().__call__(attn, hidden_states, temb)
+        def __call__(self, attn, hidden_states, temb, num_windows=1):
+            calls.append((hidden_states.shape, num_windows))
+            return super().__call__(attn, hidden_states, temb, num_windows)
 
     x, t, y = inputs()
     expected = _run(model, x, t, y)
     model.set_attn_processor(Recording())
-    assert torch.equal(_run(model, x, t, y), expected) and len(calls) == 2  # bitwise: same model, kernels
+    assert torch.equal(_run(model, x, t, y), expected)  # bitwise: same model, kernels
+    assert calls == [((3, 64, 64), 1)] * 2  # the whole 8x8 token grid is one window
 
 
 def test_batch_equals_single_samples_and_bias_is_shared():

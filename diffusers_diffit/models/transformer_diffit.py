@@ -8,6 +8,7 @@ from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
@@ -160,8 +161,7 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         x = self.proj_out(nn.functional.silu(self.norm_out(x)))  # [B, T, p·p·C_out]
 
         p, h, w = cfg.patch_size, height // cfg.patch_size, width // cfg.patch_size
-        x = x.view(batch, h, w, p, p, self.out_channels)
-        output = torch.einsum("nhwpqc->nchpwq", x).reshape(batch, self.out_channels, h * p, w * p)
+        output = rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)  # [B, C_out, H, W]
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

@@ -21,6 +21,7 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.upsampling import Upsample2D
+from einops import rearrange
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
@@ -54,20 +55,6 @@ DIFFIT_UNET_CONFIGS = {
         dropout=0.05,
     ),
 }
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B·nW, w², C]: non-overlapping w×w windows, row-major, the windows of a sample adjacent."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // window_size, window_size, w // window_size, window_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, c)
-
-
-def window_merge(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of `window_partition`: [B·nW, w², C] -> [B, C, H, W]."""
-    rows, cols, c = height // window_size, width // window_size, windows.shape[-1]
-    x = windows.view(-1, rows, cols, window_size, window_size, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, height, width)
 
 
 def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
@@ -114,9 +101,13 @@ class DiffiTResBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # hidden_states: [B, C_in, H, W], temb: [B, C_t] -> [B, C_out, H, W]
-        height, width = hidden_states.shape[-2:]
-        x = self.conv(self.dropout(F.silu(self.norm(hidden_states))))
-        x = window_merge(self.transformer(window_partition(x, self.window_size), temb), self.window_size, height, width)
+        p = self.window_size
+        h, w = hidden_states.shape[-2] // p, hidden_states.shape[-1] // p  # windows per column, per row
+        x = self.conv(self.dropout(F.silu(self.norm(hidden_states))))  # [B, C_out, H, W]
+        # non-overlapping p×p windows, row-major, the windows of a sample adjacent: [B·nW, p², C_out], nW = h·w
+        x = rearrange(x, "b c (h p) (w q) -> (b h w) (p q) c", p=p, q=p)
+        x = self.transformer(x, temb, num_windows=h * w)
+        x = rearrange(x, "(b h w) (p q) c -> b c (h p) (w q)", h=h, w=w, p=p)  # [B, C_out, H, W]
         shortcut = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
         return x + shortcut
 
