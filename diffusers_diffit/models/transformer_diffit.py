@@ -3,6 +3,7 @@
 import os
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
@@ -111,26 +112,18 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         if self.condition_embed.class_embedder is not None:
             nn.init.normal_(self.condition_embed.class_embedder.weight, std=0.02)
 
-    def forward(
+    def check_inputs(
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor | float | int,
-        class_labels: torch.Tensor | None = None,
-        attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """
-        Args:
-            hidden_states: noisy latents [B, in_channels, sample_size, sample_size].
-            timestep: training timestep(s) (0…999): a number, a 0-d tensor, or [B].
-            class_labels: int64 [B] in [0, num_classes] (num_classes = null class); None = unconditional.
-            attention_kwargs: accepted for diffusers API compatibility; TMSA takes no extra arguments.
-        Returns:
-            `Transformer2DModelOutput` whose `sample` is [B, out_channels, H, W]: ε, then v when learned variance.
-        """
+        class_labels: torch.Tensor | None,
+        attention_kwargs: dict | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raise a `ValueError` naming the argument for bad input; return `timestep` and `class_labels` as [B]
+        tensors (`class_labels` None = unconditional)."""
+        cfg = self.config
         if attention_kwargs:
             raise ValueError(f"`attention_kwargs` is not used by DiffiT attention, got keys {sorted(attention_kwargs)}.")
-        cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"`hidden_states` must be [batch, {cfg.in_channels}, {cfg.sample_size}, {cfg.sample_size}], "
@@ -147,21 +140,41 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
                 f"{cfg.sample_size}x{cfg.sample_size} (config.sample_size)."
             )
         timestep = check_timestep(timestep, batch, hidden_states.device)
-        class_labels = check_class_labels(class_labels, batch, cfg.num_classes, hidden_states.device)
+        return timestep, check_class_labels(class_labels, batch, cfg.num_classes, hidden_states.device)
 
-        # [B, T, C], made contiguous: a transposed residual stream would make every later add and norm copy
-        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2).contiguous()
-        x = x + self.pos_embed.to(x.dtype)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: noisy latents [B, in_channels, sample_size, sample_size].
+            timestep: training timestep(s) (0…999): a number, a 0-d tensor, or [B].
+            class_labels: int64 [B] in [0, num_classes] (num_classes = null class); None = unconditional.
+            attention_kwargs: accepted for diffusers API compatibility; must be empty.
+        Returns:
+            `Transformer2DModelOutput` whose `sample` is [B, out_channels, H, W]: ε, then v when learned variance.
+        """
+        timestep, class_labels = self.check_inputs(hidden_states, timestep, class_labels, attention_kwargs)
+        p = self.config.patch_size
+        h, w = hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
+
+        # made contiguous: a transposed residual stream would make every later add and norm copy
+        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, T, C], T = h·w
+        x = x + self.pos_embed.to(x.dtype)  # [B, T, C]
         c = self.condition_embed(timestep, class_labels, dtype=x.dtype)  # [B, C]
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c)
             else:
-                x = block(x, c)
-        x = self.proj_out(nn.functional.silu(self.norm_out(x)))  # [B, T, p·p·C_out]
-
-        p, h, w = cfg.patch_size, height // cfg.patch_size, width // cfg.patch_size
+                x = block(x, c)  # [B, T, C]
+        x = self.proj_out(F.silu(self.norm_out(x)))  # [B, T, p·p·C_out]
         output = rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)  # [B, C_out, H, W]
+
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

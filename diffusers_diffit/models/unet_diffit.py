@@ -231,7 +231,11 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
             windows.append(window)
         return windows
 
-    def _check_sample(self, sample: torch.Tensor):
+    def check_inputs(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raise a `ValueError` naming the argument for bad input; return `timestep` and `class_labels` as [B]
+        tensors (`class_labels` None = unconditional)."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -244,6 +248,9 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
                 f"`sample` height and width must be multiples of {multiple} (the window of every level: "
                 f"{self.window_sizes}, planned for sample_size={cfg.sample_size}), got {height}x{width}."
             )
+        batch = sample.shape[0]
+        timestep = check_timestep(timestep, batch, sample.device)
+        return timestep, check_class_labels(class_labels, batch, cfg.num_classes, sample.device)
 
     def forward(
         self,
@@ -260,25 +267,22 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
         Returns:
             `UNet2DOutput` whose `sample` is [B, out_channels, H, W] (the raw network output F_θ).
         """
-        self._check_sample(sample)
-        batch = sample.shape[0]
-        timestep = check_timestep(timestep, batch, sample.device)
-        class_labels = check_class_labels(class_labels, batch, self.config.num_classes, sample.device)
+        timestep, class_labels = self.check_inputs(sample, timestep, class_labels)
 
-        h = self.conv_in(sample)  # [B, C0, H, W]
+        h = self.conv_in(sample)  # [B, C_0, H, W]
         c = self.condition_embed(timestep, class_labels, dtype=h.dtype)  # [B, C_t]
         skips = []
         for level, resblocks in enumerate(self.down_blocks):
             if level > 0:
-                h = self.downsamplers[level - 1](h)
+                h = self.downsamplers[level - 1](h)  # stride-2 conv: [B, C, H / 2^level, W / 2^level]
             for resblock in resblocks:
-                h = self._run(resblock, h, c)
+                h = self._run(resblock, h, c)  # [B, block_out_channels[level], H / 2^level, W / 2^level]
                 skips.append(h)
         for level, resblocks in enumerate(self.up_blocks):
             if level > 0:
-                h = self.upsamplers[level - 1](h)
+                h = self.upsamplers[level - 1](h)  # nearest ×2 + conv: H and W doubled
             for resblock in resblocks:
-                h = self._run(resblock, torch.cat([h, skips.pop()], dim=1), c)
+                h = self._run(resblock, torch.cat([h, skips.pop()], dim=1), c)  # the matching skip on channels
         output = self.conv_out(F.silu(self.norm_out(h)))  # [B, C_out, H, W]
 
         if not return_dict:
