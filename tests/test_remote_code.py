@@ -281,6 +281,14 @@ def test_model_card_and_upload(latent_repo):
     assert {"pipeline_diffit.py", "transformer/transformer_diffit.py", "sample_grid.png", "README.md"} <= set(uploaded)
 
 
+def test_card_text_is_written_as_given(tmp_path):
+    text = "# DiffiT\n\n{{ not_a_variable }} {% if x %}\n\n```python\nlabels = {'a': [1, 2]}\n```\n"
+    hub.create_model_card(tmp_path, text, license="mit", tags=["diffit"]).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.text.strip() == text.strip()
+    assert card.data.to_dict() == {"library_name": "diffusers", "license": "mit", "tags": ["diffit"]}
+
+
 def test_card_without_remote_code_does_not_promise_plain_diffusers(inputs, tmp_path, capsys):  # noqa: F811
     checkpoint, vae, _ = inputs
     out = tmp_path / "no-code"
