@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoModel, DiffusionPipeline
+from diffusers.utils import dynamic_modules_utils
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
 from huggingface_hub import ModelCard
 from safetensors import safe_open
@@ -172,6 +173,25 @@ def test_repo_layout_and_generated_code(latent_repo, pixel_repo):
             assert "diffusers_diffit" not in {line.split()[1].split(".")[0] for line in text.splitlines()
                                               if line.lstrip().startswith(("import ", "from "))}
         assert stale_remote_code_files(folder) == []
+
+
+def test_generated_files_name_their_packages_and_pass_diffusers_import_check(latent_repo, pixel_repo, monkeypatch):
+    """The models import einops, which diffusers does not install: each file's header says what to pip install, and
+    diffusers' own import check (run before it executes a repo file) finds everything in this environment."""
+    needs = {
+        "pipeline_diffit.py": "diffusers huggingface-hub numpy Pillow torch",
+        "transformer/transformer_diffit.py": "diffusers einops torch",
+        "transformer/unet_diffit.py": "diffusers einops torch",
+        "scheduler/scheduling_edm_heun.py": "diffusers torch",
+    }
+    missing = []
+    monkeypatch.setattr(dynamic_modules_utils.logger, "warning", lambda message, *args: missing.append(message))
+    for folder in (latent_repo[0], pixel_repo):
+        for path in sorted(folder.rglob("*.py")):
+            name = path.relative_to(folder).as_posix()
+            assert path.read_text().splitlines()[3] == f"# Needs: pip install {needs[name]}", name
+            assert dynamic_modules_utils.check_imports(path) == []
+    assert missing == []
 
 
 def test_drift_is_detected(pixel_repo, tmp_path):
