@@ -52,7 +52,7 @@ def test_attention_gets_row_major_windows_and_their_count():
     block.transformer.attn.set_processor(Recording())
     x, temb = torch.randn(2, 12, 8, 12), torch.randn(2, 10)
     block(x, temb)
-    (windows, num_windows), = calls
+    ((windows, num_windows),) = calls
     assert windows.shape == (2 * 6, 16, 16) and num_windows == 6  # 2 rows x 3 cols of 4x4 windows per sample
     x_hat = block.transformer.norm1(block.conv(F.silu(block.norm(x))).permute(0, 2, 3, 1))  # [B, H, W, C]
     torch.testing.assert_close(windows[6 + 5], x_hat[1, 4:8, 8:12].flatten(0, 1))  # sample 1, window row 1, col 2

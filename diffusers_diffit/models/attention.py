@@ -245,12 +245,12 @@ class DiffiTAttnProcessor:
             key = project(attn.to_k, attn.to_k_time)
             value = project(attn.to_v, attn.to_v_time)
 
-        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))  # [B, N, H, D]
+        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))  # [B·nW, N, H, D]
         bias = attn.relative_position_bias(query.dtype, reuse)  # [1, H, N, N]
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=bias, backend=backend, parallel_config=self._parallel_config
         )
-        return linear(attn.to_out, hidden_states.flatten(2).to(query.dtype), reuse)  # [B, N, C]
+        return linear(attn.to_out, hidden_states.flatten(2).to(query.dtype), reuse)  # [B·nW, N, C]
 
 
 class DiffiTAttention(nn.Module, AttentionModuleMixin):
