@@ -245,7 +245,8 @@ class DiffiTAttnProcessor:
             key = project(attn.to_k, attn.to_k_time)
             value = project(attn.to_v, attn.to_v_time)
 
-        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))  # [B·nW, N, H, D]
+        # [B·nW, N, H, D] each
+        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))
         bias = attn.relative_position_bias(query.dtype, reuse)  # [1, H, N, N]
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=bias, backend=backend, parallel_config=self._parallel_config
