@@ -87,7 +87,9 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         # MAE's fixed table; base_size=grid keeps the positions 0…grid-1 (diffusers' default of 16 would rescale them)
         pos_embed = get_2d_sincos_pos_embed(dim, grid, base_size=grid).float()[None]  # [1, T, C]
         self.register_buffer("pos_embed", pos_embed, persistent=False)
-        self.condition_embed = DiffiTConditioningEmbedding(dim, num_classes, class_dropout_prob, frequency_embedding_size)
+        self.condition_embed = DiffiTConditioningEmbedding(
+            dim, num_classes, class_dropout_prob, frequency_embedding_size
+        )
         self.transformer_blocks = nn.ModuleList(
             DiffiTTransformerBlock(dim, num_attention_heads, attention_head_dim, window_size=grid, mlp_ratio=mlp_ratio)
             for _ in range(num_layers)
@@ -123,7 +125,9 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         tensors (`class_labels` None = unconditional)."""
         cfg = self.config
         if attention_kwargs:
-            raise ValueError(f"`attention_kwargs` is not used by DiffiT attention, got keys {sorted(attention_kwargs)}.")
+            raise ValueError(
+                f"`attention_kwargs` is not used by DiffiT attention, got keys {sorted(attention_kwargs)}."
+            )
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"`hidden_states` must be [batch, {cfg.in_channels}, {cfg.sample_size}, {cfg.sample_size}], "
