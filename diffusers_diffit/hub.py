@@ -1,5 +1,5 @@
 """The Hugging Face Hub side of the package, shared by the pipeline, the conversion script and the training scripts:
-snapshot-first loading, model cards built with diffusers' card helpers, and uploads with `huggingface_hub`."""
+snapshot-first loading, model cards built with `huggingface_hub.ModelCard`, and uploads with `huggingface_hub`."""
 
 import logging
 import os
@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 HUB_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "force_download", "local_files_only")
 # Safetensors only: pickled or other-framework weights are never fetched.
 NOT_DOWNLOADED = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.onnx", "*.h5"]
+# A card is its metadata block and then the text as written (the Hub's default template adds sections to fill in).
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n{{ model_description }}\n"
 
 DIFFIT_CITATION = """\
 @inproceedings{hatamizadeh2024diffit,
@@ -58,24 +60,28 @@ def create_model_card(
     `repo_id_or_path` is where the card will live, a Hub repo id or a local folder: a card already there keeps its
     other metadata and its tags (new ones are added) and gets the new text. A Hub id is looked up online.
     """
-    local = Path(repo_id_or_path)
-    if local.is_dir() and not (local / "README.md").is_file():
-        # diffusers' helper reads a card file or a Hub repo; a folder without a card has nothing to load.
-        card = ModelCard("---\n{}\n---\n" + model_description)  # empty metadata, filled in below
-    else:
-        source = os.fspath(local / "README.md") if local.is_dir() else os.fspath(repo_id_or_path)
-        # `is_modular` is diffusers' switch for "use model_description verbatim" (not the training template with its
-        # TODO sections); `update_model_card` puts the new text into a card that already exists.
-        card = load_or_create_model_card(
-            source, token=token, is_pipeline=True, model_description=model_description, is_modular=True,
-            update_model_card=True,
-        )
-    card.data.license = license
+    data = existing_card_data(repo_id_or_path, token)
+    data.library_name = data.library_name or "diffusers"
+    data.license = license
     if base_model is not None:
-        card.data.base_model = base_model
+        data.base_model = base_model
     if pipeline_tag is not None:
-        card.data.pipeline_tag = pipeline_tag
-    return populate_model_card(card, tags=[tag for tag in dict.fromkeys(tags) if tag not in (card.data.tags or [])])
+        data.pipeline_tag = pipeline_tag
+    data.tags = list(dict.fromkeys([*(data.tags or []), *tags])) or None
+    return ModelCard.from_template(data, template_str=CARD_TEMPLATE, model_description=model_description)
+
+
+def existing_card_data(repo_id_or_path: str | os.PathLike, token: str | None = None) -> ModelCardData:
+    """The metadata of the card already at `repo_id_or_path` (a local folder's README.md or a Hub repo's card);
+    empty when there is none yet."""
+    folder = Path(repo_id_or_path)
+    if folder.is_dir():
+        readme = folder / "README.md"
+        return ModelCard.load(readme).data if readme.is_file() else ModelCardData()
+    try:
+        return ModelCard.load(os.fspath(repo_id_or_path), token=token).data
+    except (EntryNotFoundError, RepositoryNotFoundError):  # a new repo, or one without a card
+        return ModelCardData()
 
 
 @dataclass

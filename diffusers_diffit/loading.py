@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from safetensors.torch import load_file
 
-from .models.embeddings import get_2d_sincos_pos_embed, get_relative_position_index
+from .models.embeddings import get_relative_position_index
 from .utils import resolve_dtype
 
 
@@ -115,7 +116,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: dict) -> dic
     converted, problems = {}, []
     for key, tensor in state_dict.items():
         if key == "pos_embed":
-            expected = get_2d_sincos_pos_embed(dim, grid)[None]
+            expected = get_2d_sincos_pos_embed(dim, grid, base_size=grid).float()[None]  # as the model builds it
             rounded = expected.to(tensor.dtype).float()  # as a half-precision checkpoint holds it
             if tensor.shape != expected.shape or not torch.allclose(tensor.cpu().float(), rounded, atol=1e-4):
                 problems.append(f"pos_embed {tuple(tensor.shape)} is not the fixed sin-cos table of a {grid}x{grid} grid")

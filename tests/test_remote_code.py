@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoModel, DiffusionPipeline
+from diffusers.utils import dynamic_modules_utils
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
 from huggingface_hub import ModelCard
 from safetensors import safe_open
@@ -174,12 +175,31 @@ def test_repo_layout_and_generated_code(latent_repo, pixel_repo):
         assert stale_remote_code_files(folder) == []
 
 
+def test_generated_files_name_their_packages_and_pass_diffusers_import_check(latent_repo, pixel_repo, monkeypatch):
+    """The models import einops, which diffusers does not install: each file's header says what to pip install, and
+    diffusers' own import check (run before it executes a repo file) finds everything in this environment."""
+    needs = {
+        "pipeline_diffit.py": "diffusers huggingface-hub numpy Pillow torch",
+        "transformer/transformer_diffit.py": "diffusers einops torch",
+        "transformer/unet_diffit.py": "diffusers einops torch",
+        "scheduler/scheduling_edm_heun.py": "diffusers torch",
+    }
+    missing = []
+    monkeypatch.setattr(dynamic_modules_utils.logger, "warning", lambda message, *args: missing.append(message))
+    for folder in (latent_repo[0], pixel_repo):
+        for path in sorted(folder.rglob("*.py")):
+            name = path.relative_to(folder).as_posix()
+            assert path.read_text().splitlines()[3] == f"# Needs: pip install {needs[name]}", name
+            assert dynamic_modules_utils.check_imports(path) == []
+    assert missing == []
+
+
 def test_drift_is_detected(pixel_repo, tmp_path):
     folder = tmp_path / "copy"
     DiffiTPipeline.from_pretrained(pixel_repo).save_pretrained(folder, remote_code=True)
     assert stale_remote_code_files(folder) == []
     code = folder / "transformer" / "unet_diffit.py"
-    code.write_text(code.read_text().replace("def window_partition(", "def window_partition_(", 1))
+    code.write_text(code.read_text().replace("def group_norm(", "def group_norm_(", 1))
     header = folder / "pipeline_diffit.py"
     header.write_text(header.read_text().replace(diffusers_diffit.__version__, "0.0.1", 1))
     assert stale_remote_code_files(folder) == ["pipeline_diffit.py", "transformer/unet_diffit.py"]
@@ -279,6 +299,14 @@ def test_model_card_and_upload(latent_repo):
     assert (name, repo) == ("upload_folder", "someone/DiffiT-tiny")
     assert message == "DiffiT 256px converted to diffusers (fp32)"
     assert {"pipeline_diffit.py", "transformer/transformer_diffit.py", "sample_grid.png", "README.md"} <= set(uploaded)
+
+
+def test_card_text_is_written_as_given(tmp_path):
+    text = "# DiffiT\n\n{{ not_a_variable }} {% if x %}\n\n```python\nlabels = {'a': [1, 2]}\n```\n"
+    hub.create_model_card(tmp_path, text, license="mit", tags=["diffit"]).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.text.strip() == text.strip()
+    assert card.data.to_dict() == {"library_name": "diffusers", "license": "mit", "tags": ["diffit"]}
 
 
 def test_card_without_remote_code_does_not_promise_plain_diffusers(inputs, tmp_path, capsys):  # noqa: F811

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTAttnProcessor, DiffiTTransformer2DModel
 from diffusers_diffit.models.attention import BIAS_CAPABLE_BACKENDS
-from tests.reference_diffit import ReferenceDiffiT, randomize_, timestep_embedding
+from tests.reference_diffit import ReferenceDiffiT, randomize_, sincos_pos_embed, timestep_embedding
 from tests.utils import relative_error
 
 
@@ -125,6 +125,12 @@ def test_released_parameter_counts_on_meta(name, expected):
     assert frozen == (model.config.sample_size // 2) ** 2 * 1152
 
 
+def test_positions_are_maes_table_and_derived_tensors_are_not_saved():
+    model = tiny_model()  # an 8x8 token grid: diffusers' default base_size (16) would halve the positions
+    assert torch.equal(model.pos_embed, torch.from_numpy(sincos_pos_embed(64, 8)).float()[None])
+    assert not [k for k in model.state_dict() if k.endswith(("pos_embed", "relative_position_index"))]
+
+
 def test_timestep_embedding_avoids_the_downscale_freq_shift_trap():
     t = torch.tensor([0.0, 1.0, 250.0, 999.0])
     ours = tiny_model().condition_embed.time_proj(t)
@@ -194,14 +200,15 @@ def test_set_attn_processor_swaps_every_block():
     calls = []
 
     class Recording(DiffiTAttnProcessor):
-        def __call__(self, attn, hidden_states, temb):
-            calls.append(hidden_states.shape)
-            return super().__call__(attn, hidden_states, temb)
+        def __call__(self, attn, hidden_states, temb, num_windows=1):
+            calls.append((hidden_states.shape, num_windows))
+            return super().__call__(attn, hidden_states, temb, num_windows)
 
     x, t, y = inputs()
     expected = _run(model, x, t, y)
     model.set_attn_processor(Recording())
-    assert torch.equal(_run(model, x, t, y), expected) and len(calls) == 2  # bitwise: same model, kernels
+    assert torch.equal(_run(model, x, t, y), expected)  # bitwise: same model, kernels
+    assert calls == [((3, 64, 64), 1)] * 2  # the whole 8x8 token grid is one window
 
 
 def test_batch_equals_single_samples_and_bias_is_shared():
@@ -307,5 +314,7 @@ def test_bad_config_is_rejected():
         tiny_model(sample_size=15)
     with pytest.raises(ValueError, match="num_classes"):
         tiny_model(num_classes=-1)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny_model(num_attention_heads=3, attention_head_dim=2)
     with pytest.raises(ValueError, match="attention_kwargs"):
         tiny_model()(*inputs(), attention_kwargs={"scale": 1.0})

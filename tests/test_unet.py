@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
 
-from diffusers_diffit import DIFFIT_UNET_CONFIGS, DiffiTUNet2DModel
-from diffusers_diffit.models.unet_diffit import DiffiTResBlock, window_merge, window_partition
+from diffusers_diffit import DIFFIT_UNET_CONFIGS, DiffiTAttnProcessor, DiffiTUNet2DModel
+from diffusers_diffit.models.unet_diffit import DiffiTResBlock
 
 
 TINY = dict(
@@ -40,13 +40,24 @@ def reference_resblock(block: DiffiTResBlock, x: torch.Tensor, temb: torch.Tenso
     return out + (x if block.conv_shortcut is None else block.conv_shortcut(x))
 
 
-def test_window_partition_is_row_major_and_invertible():
-    x = torch.randn(2, 3, 8, 12)
-    windows = window_partition(x, 4)  # 2 rows x 3 cols of windows per sample
-    assert windows.shape == (2 * 6, 16, 3)
-    # sample 1, window row 1, col 2
-    torch.testing.assert_close(windows[6 + 5], x[1, :, 4:8, 8:12].flatten(1).T)
-    torch.testing.assert_close(window_merge(windows, 4, 8, 12), x)
+def test_attention_gets_row_major_windows_and_their_count():
+    block = DiffiTResBlock(12, 16, 4, 8, 10, 4.0, 0.0, 32).eval()
+    calls = []
+
+    class Recording(DiffiTAttnProcessor):
+        def __call__(self, attn, hidden_states, temb, num_windows=1):
+            calls.append((hidden_states, num_windows))
+            return super().__call__(attn, hidden_states, temb, num_windows)
+
+    block.transformer.attn.set_processor(Recording())
+    x, temb = torch.randn(2, 12, 8, 12), torch.randn(2, 10)
+    block(x, temb)
+    ((windows, num_windows),) = calls
+    assert windows.shape == (2 * 6, 16, 16) and num_windows == 6  # 2 rows x 3 cols of 4x4 windows per sample
+    x_hat = block.transformer.norm1(block.conv(F.silu(block.norm(x))).permute(0, 2, 3, 1))  # [B, H, W, C]
+    torch.testing.assert_close(windows[6 + 5], x_hat[1, 4:8, 8:12].flatten(0, 1))  # sample 1, window row 1, col 2
+    with pytest.raises(ValueError, match="num_windows=4"):
+        block.transformer(windows, temb, num_windows=4)
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (8, 16), (16, 4)])
@@ -61,8 +72,8 @@ def test_time_token_reaches_every_window():
     block = DiffiTResBlock(16, 16, 4, 8, 10, 4.0, 0.0, 32).eval()
     x = torch.randn(1, 16, 8, 8)
     change = (block(x, torch.randn(1, 10)) - block(x, torch.randn(1, 10))).abs()
-    per_window = window_partition(change, 4).amax(dim=(1, 2))
-    assert per_window.shape == (4,) and (per_window > 1e-3).all()
+    per_window = change.unflatten(-1, (2, 4)).unflatten(-3, (2, 4)).amax(dim=(0, 1, 3, 5))  # [2, 2] windows
+    assert (per_window > 1e-3).all()
 
 
 def test_window_plan_map_no_larger_than_window_is_global():

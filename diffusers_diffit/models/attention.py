@@ -8,7 +8,7 @@ the computation, and diffusers' `dispatch_attention_fn` owns the kernel:
 
 x_t (one vector per sample) is broadcast over the tokens. The attention runs on windows of w×w tokens: the latent
 model passes its whole token grid as one window, the image-space U-Net passes [B·num_windows, w², C] with the
-windows of a sample stored next to each other, and the time token of each sample is repeated over its windows.
+windows of a sample stored next to each other, and the time token of each sample is broadcast over its windows.
 """
 
 import contextlib
@@ -146,11 +146,6 @@ class DiffiTModelMixin:
         return super().train(mode)
 
 
-def _per_token(time_projection: torch.Tensor, windows: int) -> torch.Tensor:
-    """[B, C] time projection -> [B·windows, 1, C], broadcast over the tokens of every window of a sample."""
-    return time_projection.repeat_interleave(windows, dim=0)[:, None] if windows > 1 else time_projection[:, None]
-
-
 # ------------------------------------------------------------------------------------- tensors derived from weights
 def reuses_weights(module: nn.Module) -> bool:
     """Whether `module` may reuse tensors derived from its weights: inside `inference_cache()`, in eval mode, without
@@ -218,37 +213,45 @@ class DiffiTAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __call__(self, attn: "DiffiTAttention", hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [B·nW, N, C] (nW windows per sample), temb: [B, C_t]
+    def __call__(
+        self, attn: "DiffiTAttention", hidden_states: torch.Tensor, temb: torch.Tensor, num_windows: int = 1
+    ) -> torch.Tensor:
+        # hidden_states: [B·nW, N, C], the nW = num_windows windows of each sample adjacent; temb: [B, C_t]
         batch, num_tokens, _ = hidden_states.shape
         if num_tokens != attn.window_size**2:
             raise ValueError(
                 f"TMSA was built for windows of {attn.window_size}x{attn.window_size} = {attn.window_size**2} tokens, "
                 f"got {num_tokens} tokens."
             )
-        if batch % temb.shape[0] != 0:
-            raise ValueError(f"`temb` batch {temb.shape[0]} does not divide the token batch {batch}.")
+        if batch != temb.shape[0] * num_windows:
+            raise ValueError(
+                f"`hidden_states` holds {batch} windows, but `temb` has {temb.shape[0]} samples of "
+                f"num_windows={num_windows} windows each."
+            )
         backend = self._attention_backend
         if not torch.compiler.is_compiling():
             needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or attn.to_out.weight.requires_grad)
             backend = check_attention_backend(backend, hidden_states.device, hidden_states.dtype, needs_grad)
         reuse = reuses_weights(attn)
 
-        windows = batch // temb.shape[0]
-        if attn.fused_projections:
-            qkv = linear(attn.to_qkv, hidden_states, reuse) + _per_token(attn.to_qkv_time(temb), windows)
-            query, key, value = qkv.chunk(3, dim=-1)
-        else:
-            query = linear(attn.to_q, hidden_states, reuse) + _per_token(attn.to_q_time(temb), windows)
-            key = linear(attn.to_k, hidden_states, reuse) + _per_token(attn.to_k_time(temb), windows)
-            value = linear(attn.to_v, hidden_states, reuse) + _per_token(attn.to_v_time(temb), windows)
+        def project(spatial: nn.Linear, time: nn.Linear) -> torch.Tensor:  # x_s·W_s + x_t·W_t: [B·nW, N, C']
+            x = linear(spatial, hidden_states, reuse).unflatten(0, (-1, num_windows))  # [B, nW, N, C']
+            return (x + time(temb)[:, None, None]).flatten(0, 1)  # x_t broadcast over windows and tokens
 
-        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))  # [B, N, H, D]
+        if attn.fused_projections:
+            query, key, value = project(attn.to_qkv, attn.to_qkv_time).chunk(3, dim=-1)
+        else:
+            query = project(attn.to_q, attn.to_q_time)
+            key = project(attn.to_k, attn.to_k_time)
+            value = project(attn.to_v, attn.to_v_time)
+
+        # [B·nW, N, H, D] each
+        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))
         bias = attn.relative_position_bias(query.dtype, reuse)  # [1, H, N, N]
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=bias, backend=backend, parallel_config=self._parallel_config
         )
-        return linear(attn.to_out, hidden_states.flatten(2).to(query.dtype), reuse)  # [B, N, C]
+        return linear(attn.to_out, hidden_states.flatten(2).to(query.dtype), reuse)  # [B·nW, N, C]
 
 
 class DiffiTAttention(nn.Module, AttentionModuleMixin):
@@ -326,8 +329,8 @@ class DiffiTAttention(nn.Module, AttentionModuleMixin):
         del self.to_qkv, self.to_qkv_time
         self.fused_projections = False
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.processor(self, hidden_states, temb)
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, num_windows: int = 1) -> torch.Tensor:
+        return self.processor(self, hidden_states, temb, num_windows=num_windows)
 
 
 class DiffiTTransformerBlock(nn.Module):
@@ -348,9 +351,9 @@ class DiffiTTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate")
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [B·nW, N, C], temb: [B, C_t]
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), temb)
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, num_windows: int = 1) -> torch.Tensor:
+        # hidden_states: [B·nW, N, C], the nW = num_windows windows of each sample adjacent; temb: [B, C_t]
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), temb, num_windows)
         return hidden_states + self.feed_forward(self.norm2(hidden_states))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,9 @@
-"""Embeddings shared by the DiffiT models: fixed 2-D sin-cos positions, the relative-position index of a window,
-and the one time + class conditioning vector (the "time token" x_t of TMSA)."""
+"""Embeddings shared by the DiffiT models: the relative-position index of a window, and the one time + class
+conditioning vector (the "time token" x_t of TMSA)."""
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """MAE-style fixed positions for a `grid_size`² token grid in row-major order -> [grid_size², embed_dim].
-
-    The first half of the channels encodes the column (w), the second half the row (h); each half is
-    [sin(pos·ω), cos(pos·ω)] with ω_i = 1 / 10000^(i / (D/4)).
-    """
-    if embed_dim % 4 != 0:
-        raise ValueError(f"`embed_dim` must be divisible by 4 for 2-D sin-cos positions, got {embed_dim}.")
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # [g, g] each
-
-    def encode(p: torch.Tensor) -> torch.Tensor:  # [g²] -> [g², D/2]
-        angles = p.reshape(-1, 1) * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
 def get_relative_position_index(window_size: int) -> torch.Tensor:

@@ -3,15 +3,18 @@
 import os
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
 from .attention import DiffiTModelMixin, DiffiTTransformerBlock
-from .embeddings import DiffiTConditioningEmbedding, get_2d_sincos_pos_embed
+from .embeddings import DiffiTConditioningEmbedding
 
 
 # The released models (SPEC.md §2). Only the latent side differs between resolutions.
@@ -72,13 +75,21 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
             raise ValueError(f"`sample_size` {sample_size} must be divisible by `patch_size` {patch_size}.")
         if num_classes < 0:
             raise ValueError(f"`num_classes` must be >= 0 (0 = unconditional), got {num_classes}.")
-        self.out_channels = out_channels or in_channels
         dim = num_attention_heads * attention_head_dim
+        if dim % 4 != 0:
+            raise ValueError(
+                f"`num_attention_heads * attention_head_dim` = {dim} must be divisible by 4 (2-D sin-cos positions)."
+            )
+        self.out_channels = out_channels or in_channels
         grid = sample_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(dim, grid)[None], persistent=False)  # [1, T, C]
-        self.condition_embed = DiffiTConditioningEmbedding(dim, num_classes, class_dropout_prob, frequency_embedding_size)
+        # MAE's fixed table; base_size=grid keeps the positions 0…grid-1 (diffusers' default of 16 would rescale them)
+        pos_embed = get_2d_sincos_pos_embed(dim, grid, base_size=grid).float()[None]  # [1, T, C]
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
+        self.condition_embed = DiffiTConditioningEmbedding(
+            dim, num_classes, class_dropout_prob, frequency_embedding_size
+        )
         self.transformer_blocks = nn.ModuleList(
             DiffiTTransformerBlock(dim, num_attention_heads, attention_head_dim, window_size=grid, mlp_ratio=mlp_ratio)
             for _ in range(num_layers)
@@ -103,26 +114,20 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         if self.condition_embed.class_embedder is not None:
             nn.init.normal_(self.condition_embed.class_embedder.weight, std=0.02)
 
-    def forward(
+    def check_inputs(
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor | float | int,
-        class_labels: torch.Tensor | None = None,
-        attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """
-        Args:
-            hidden_states: noisy latents [B, in_channels, sample_size, sample_size].
-            timestep: training timestep(s) (0…999): a number, a 0-d tensor, or [B].
-            class_labels: int64 [B] in [0, num_classes] (num_classes = null class); None = unconditional.
-            attention_kwargs: accepted for diffusers API compatibility; TMSA takes no extra arguments.
-        Returns:
-            `Transformer2DModelOutput` whose `sample` is [B, out_channels, H, W]: ε, then v when learned variance.
-        """
-        if attention_kwargs:
-            raise ValueError(f"`attention_kwargs` is not used by DiffiT attention, got keys {sorted(attention_kwargs)}.")
+        class_labels: torch.Tensor | None,
+        attention_kwargs: dict | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raise a `ValueError` naming the argument for bad input; return `timestep` and `class_labels` as [B]
+        tensors (`class_labels` None = unconditional)."""
         cfg = self.config
+        if attention_kwargs:
+            raise ValueError(
+                f"`attention_kwargs` is not used by DiffiT attention, got keys {sorted(attention_kwargs)}."
+            )
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"`hidden_states` must be [batch, {cfg.in_channels}, {cfg.sample_size}, {cfg.sample_size}], "
@@ -139,22 +144,41 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
                 f"{cfg.sample_size}x{cfg.sample_size} (config.sample_size)."
             )
         timestep = check_timestep(timestep, batch, hidden_states.device)
-        class_labels = check_class_labels(class_labels, batch, cfg.num_classes, hidden_states.device)
+        return timestep, check_class_labels(class_labels, batch, cfg.num_classes, hidden_states.device)
 
-        # [B, T, C], made contiguous: a transposed residual stream would make every later add and norm copy
-        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2).contiguous()
-        x = x + self.pos_embed.to(x.dtype)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: noisy latents [B, in_channels, sample_size, sample_size].
+            timestep: training timestep(s) (0…999): a number, a 0-d tensor, or [B].
+            class_labels: int64 [B] in [0, num_classes] (num_classes = null class); None = unconditional.
+            attention_kwargs: accepted for diffusers API compatibility; must be empty.
+        Returns:
+            `Transformer2DModelOutput` whose `sample` is [B, out_channels, H, W]: ε, then v when learned variance.
+        """
+        timestep, class_labels = self.check_inputs(hidden_states, timestep, class_labels, attention_kwargs)
+        p = self.config.patch_size
+        h, w = hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
+
+        # made contiguous: a transposed residual stream would make every later add and norm copy
+        x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, T, C], T = h·w
+        x = x + self.pos_embed.to(x.dtype)  # [B, T, C]
         c = self.condition_embed(timestep, class_labels, dtype=x.dtype)  # [B, C]
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c)
             else:
-                x = block(x, c)
-        x = self.proj_out(nn.functional.silu(self.norm_out(x)))  # [B, T, p·p·C_out]
+                x = block(x, c)  # [B, T, C]
+        x = self.proj_out(F.silu(self.norm_out(x)))  # [B, T, p·p·C_out]
+        output = rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)  # [B, C_out, H, W]
 
-        p, h, w = cfg.patch_size, height // cfg.patch_size, width // cfg.patch_size
-        x = x.view(batch, h, w, p, p, self.out_channels)
-        output = torch.einsum("nhwpqc->nchpwq", x).reshape(batch, self.out_channels, h * p, w * p)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

@@ -21,6 +21,7 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.upsampling import Upsample2D
+from einops import rearrange
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
@@ -54,20 +55,6 @@ DIFFIT_UNET_CONFIGS = {
         dropout=0.05,
     ),
 }
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B·nW, w², C]: non-overlapping w×w windows, row-major, the windows of a sample adjacent."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // window_size, window_size, w // window_size, window_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, c)
-
-
-def window_merge(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of `window_partition`: [B·nW, w², C] -> [B, C, H, W]."""
-    rows, cols, c = height // window_size, width // window_size, windows.shape[-1]
-    x = windows.view(-1, rows, cols, window_size, window_size, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, height, width)
 
 
 def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
@@ -114,9 +101,13 @@ class DiffiTResBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # hidden_states: [B, C_in, H, W], temb: [B, C_t] -> [B, C_out, H, W]
-        height, width = hidden_states.shape[-2:]
-        x = self.conv(self.dropout(F.silu(self.norm(hidden_states))))
-        x = window_merge(self.transformer(window_partition(x, self.window_size), temb), self.window_size, height, width)
+        p = self.window_size
+        h, w = hidden_states.shape[-2] // p, hidden_states.shape[-1] // p  # windows per column, per row
+        x = self.conv(self.dropout(F.silu(self.norm(hidden_states))))  # [B, C_out, H, W]
+        # non-overlapping p×p windows, row-major, the windows of a sample adjacent: [B·nW, p², C_out], nW = h·w
+        x = rearrange(x, "b c (h p) (w q) -> (b h w) (p q) c", p=p, q=p)
+        x = self.transformer(x, temb, num_windows=h * w)
+        x = rearrange(x, "(b h w) (p q) c -> b c (h p) (w q)", h=h, w=w, p=p)  # [B, C_out, H, W]
         shortcut = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
         return x + shortcut
 
@@ -240,7 +231,11 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
             windows.append(window)
         return windows
 
-    def _check_sample(self, sample: torch.Tensor):
+    def check_inputs(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raise a `ValueError` naming the argument for bad input; return `timestep` and `class_labels` as [B]
+        tensors (`class_labels` None = unconditional)."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -253,6 +248,9 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
                 f"`sample` height and width must be multiples of {multiple} (the window of every level: "
                 f"{self.window_sizes}, planned for sample_size={cfg.sample_size}), got {height}x{width}."
             )
+        batch = sample.shape[0]
+        timestep = check_timestep(timestep, batch, sample.device)
+        return timestep, check_class_labels(class_labels, batch, cfg.num_classes, sample.device)
 
     def forward(
         self,
@@ -269,25 +267,22 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
         Returns:
             `UNet2DOutput` whose `sample` is [B, out_channels, H, W] (the raw network output F_θ).
         """
-        self._check_sample(sample)
-        batch = sample.shape[0]
-        timestep = check_timestep(timestep, batch, sample.device)
-        class_labels = check_class_labels(class_labels, batch, self.config.num_classes, sample.device)
+        timestep, class_labels = self.check_inputs(sample, timestep, class_labels)
 
-        h = self.conv_in(sample)  # [B, C0, H, W]
+        h = self.conv_in(sample)  # [B, C_0, H, W]
         c = self.condition_embed(timestep, class_labels, dtype=h.dtype)  # [B, C_t]
         skips = []
         for level, resblocks in enumerate(self.down_blocks):
             if level > 0:
-                h = self.downsamplers[level - 1](h)
+                h = self.downsamplers[level - 1](h)  # stride-2 conv: [B, C, H / 2^level, W / 2^level]
             for resblock in resblocks:
-                h = self._run(resblock, h, c)
+                h = self._run(resblock, h, c)  # [B, block_out_channels[level], H / 2^level, W / 2^level]
                 skips.append(h)
         for level, resblocks in enumerate(self.up_blocks):
             if level > 0:
-                h = self.upsamplers[level - 1](h)
+                h = self.upsamplers[level - 1](h)  # nearest ×2 + conv: H and W doubled
             for resblock in resblocks:
-                h = self._run(resblock, torch.cat([h, skips.pop()], dim=1), c)
+                h = self._run(resblock, torch.cat([h, skips.pop()], dim=1), c)  # the matching skip on channels
         output = self.conv_out(F.silu(self.norm_out(h)))  # [B, C_out, H, W]
 
         if not return_dict:
