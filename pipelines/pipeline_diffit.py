@@ -421,26 +421,28 @@ class DiffiTPipeline(DiffusionPipeline):
             setattr(self, f"_{key}", value)
         self._interrupt = False
 
-        # 2. Labels and initial noise
+        # 2. Class labels
         device = self._execution_device
         config = self.transformer.config
         labels = self.prepare_class_labels(class_labels, num_images_per_label, device)
         batch = num_images_per_label if labels is None else len(labels)
-        latents = self.prepare_latents(batch, generator, latents, device)
         conditional = labels is not None
         if not conditional and config.num_classes > 0:  # unconditional samples of a conditional model
             labels = torch.full((batch,), config.num_classes, device=device)
         null = torch.full((batch,), config.num_classes, device=device)
-        keep_variance = self._keeps_learned_variance()
 
-        # 3. Timesteps
+        # 3. Timesteps, before the initial noise: a scheduler's `init_noise_sigma` can depend on them
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
+
+        # 4. Initial noise
+        latents = self.prepare_latents(batch, generator, latents, device)
+        keep_variance = self._keeps_learned_variance()
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
 
-        # 4. Denoising loop (the weights are fixed for the call: the model may reuse what it derives from them)
+        # 5. Denoising loop (the weights are fixed for the call: the model may reuse what it derives from them)
         cache = getattr(self.transformer, "inference_cache", None)
         with cache() if cache is not None else contextlib.nullcontext():
             for i, t in enumerate(self.progress_bar(timesteps)):
@@ -470,7 +472,7 @@ class DiffiTPipeline(DiffusionPipeline):
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
 
-        # 5. Decode
+        # 6. Decode
         images = latents if output_type == "latent" else self._postprocess(self._decode(latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

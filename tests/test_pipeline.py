@@ -280,6 +280,25 @@ def test_initial_noise_is_scaled_by_init_noise_sigma(monkeypatch):
     torch.testing.assert_close(seen[0], x_T * pipe.scheduler.init_noise_sigma)
 
 
+@torch.no_grad()
+def test_initial_noise_is_scaled_for_this_calls_timesteps(monkeypatch):
+    """With "leading" spacing Euler's largest σ, hence `init_noise_sigma`, depends on the number of steps: the
+    timesteps are set before the noise is scaled (as in diffusers' pipelines), not left from the previous call."""
+    scheduler = EulerDiscreteScheduler.from_config(official_scheduler().config, timestep_spacing="leading")
+    pipe = make_pipe(scheduler=scheduler, vae=None)
+    seen = []
+    step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda out, t, sample, **kw: seen.append(sample) or step(out, t, sample, **kw))
+    x_T = torch.randn(1, 4, 8, 8, generator=gen(0))
+    sigmas = []
+    for steps in (10, 3):
+        seen.clear()
+        pipe(0, latents=x_T, num_inference_steps=steps, output_type="latent")
+        sigmas.append(pipe.scheduler.init_noise_sigma)
+        torch.testing.assert_close(seen[0], x_T * (pipe.scheduler.sigmas[0] ** 2 + 1) ** 0.5)
+    assert sigmas[0] > 2 * sigmas[1]  # 10 steps start at t = 900, 3 steps at t = 666
+
+
 @pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, EulerAncestralDiscreteScheduler], ids=lambda c: c.__name__)
 @torch.no_grad()
 def test_stochastic_steps_draw_from_the_generator(scheduler_cls):
