@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from diffusers_diffit.cli import make_grid, parse_labels
+from diffusers_diffit.guidance import GUIDANCE_SCHEDULES
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, push_to_hub
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline
 
@@ -116,11 +117,13 @@ def model_description(
 ) -> str:
     """The card text: what this is, how to use it, the recipe, NVIDIA's numbers, licence and citation."""
     cfg, recipe = pipe.transformer.config, OFFICIAL_RECIPES[image_size]
-    schedule = (
-        f"power-cosine w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/1000)^{recipe['guidance_power']:g})), w = "
-        f"{recipe['guidance_scale']}" if recipe["guidance_schedule"] == "power-cosine"
-        else f"constant w = {recipe['guidance_scale']}"
-    )
+    schedule = GUIDANCE_SCHEDULES[recipe["guidance_schedule"]]
+    values = [f"w = {recipe['guidance_scale']:g}"]
+    if "guidance_power" in recipe:
+        values.append(f"p = {recipe['guidance_power']:g}")
+    if schedule.needs_discrete_time:
+        values.append(f"T = {pipe.scheduler.config.num_train_timesteps}")
+    guidance = f"the {schedule.name} schedule {schedule.description} ({', '.join(values)})"
     params = sum(p.numel() for p in pipe.transformer.parameters())
     numbers = " | ".join(REPORTED[image_size])
     grid = "" if sample_grid is None else f"\n![Samples of the converted pipeline]({SAMPLE_GRID})\n\n{sample_grid}\n"
@@ -148,7 +151,7 @@ image = pipe("golden retriever", num_inference_steps=25).images[0]
 
 - Ancestral DDPM, 1000 linear betas 1e-4 → 0.02 respaced to {recipe['num_inference_steps']} steps, learned-range
   variance, no clipping.
-- Classifier-free guidance on the first {recipe['guided_channels']} of the 4 latent channels, {schedule}.
+- Classifier-free guidance on the first {recipe['guided_channels']} of the 4 latent channels, {guidance}.
 - Latents decoded with `vae.decode(z / {pipe.vae.config.scaling_factor})`.
 
 ## Reported results (NVIDIA, ImageNet {image_size}, FID-50K with the recipe above)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from .embedded import embedded_model_path
 from .evaluation.evaluator import add_evaluate_parser, run_evaluate
+from .guidance import GUIDANCE_SCHEDULES, describe_guidance_schedules, usable_guidance_schedules
 from .labels import imagenet_id2label, lookup_label_ids, normalize_id2label
 from .schedulers.compatibility import PRESETS, infer_denoiser_type, scheduler_presets
 from .utils import is_finite_number
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=integer(1), default=None, help="scheduler steps (default: the pipeline's)")
     sample.add_argument("--guidance-scale", type=guidance_scale, default=None,
                         help="classifier-free guidance w >= 1, 1 = none (default: the pipeline's)")
+    sample.add_argument("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES), default=None, metavar="NAME",
+                        help=f"the guidance weight w(t) at each step (default: the pipeline's): "
+                        f"{describe_guidance_schedules()}")
     sample.add_argument("--guidance-interval", nargs="+", default=None, metavar="T",
                         help="guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units), or 'all' "
                         "for every step (default: the pipeline's)")
@@ -273,6 +277,11 @@ def check_sample_args(args: argparse.Namespace) -> ModelInfo:
     if args.guidance_scale not in (None, 1.0) and info.num_classes == 0:
         raise UsageError("--guidance-scale", f"{args.guidance_scale} needs a class-conditional model; this one "
                                              "is unconditional (use 1 or omit it)")
+    discrete_time = info.num_train_timesteps is not None  # every scheduler that can drive the model is alike
+    if args.guidance_schedule is not None and args.guidance_schedule not in usable_guidance_schedules(discrete_time):
+        raise UsageError("--guidance-schedule", f"{args.guidance_schedule!r} needs a discrete-time scheduler, and "
+                                                f"this {info.denoiser_type!r} model samples in EDM σ-space; choose "
+                                                f"from {', '.join(usable_guidance_schedules(discrete_time))}")
     if args.steps is not None and info.num_train_timesteps is not None and args.steps > info.num_train_timesteps:
         raise UsageError("--steps", f"invalid value {args.steps}: this model's scheduler takes at most "
                                     f"{info.num_train_timesteps} steps")
@@ -308,6 +317,7 @@ def sample_command(args: argparse.Namespace) -> Path:
         num_images_per_label=args.num_images_per_label,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
+        guidance_schedule=args.guidance_schedule,
         guidance_interval=args.interval,
         generator=generator,
     ).images

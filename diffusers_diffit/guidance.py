@@ -3,21 +3,92 @@ latent channels only.
 
     ε̃[:, :g] = ε_u[:, :g] + w(t)·(ε_c[:, :g] − ε_u[:, :g]),   ε̃[:, g:] = ε_c[:, g:]
 
+w(t) comes from a guidance schedule, looked up by name in `GUIDANCE_SCHEDULES`:
+
     "constant":      w(t) = w
     "power-cosine":  w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)),  t the training timestep, T the training horizon
 
 The released 256-px model uses power-cosine with w = 4.4, p = 4 and g = 3 of its 4 latent channels; the 512-px model
-constant w = 1.49, g = 3.
+constant w = 1.49, g = 3. A new schedule is one `register_guidance_schedule(GuidanceSchedule(...))`: the pipeline,
+the `diffit` command, the Space and the scripts read their choices, help text and checks from the registry.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .utils import is_finite_number
 
 
-GUIDANCE_SCHEDULES = ("constant", "power-cosine")
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """A guidance schedule: `weight(timestep, guidance_scale, guidance_power, horizon)` -> w(t), where `horizon` is
+    the training horizon T of a discrete-time scheduler when `needs_discrete_time` (None otherwise); `description`
+    is one line for help texts and model cards, in the symbols w, p, t and T."""
+
+    name: str
+    weight: Callable[[float, float, float, int | None], float]
+    needs_discrete_time: bool
+    description: str
+
+
+# name -> schedule; `register_guidance_schedule` adds to it
+GUIDANCE_SCHEDULES: dict[str, GuidanceSchedule] = {}
+
+
+def register_guidance_schedule(schedule: GuidanceSchedule) -> GuidanceSchedule:
+    """Make `schedule` available under `schedule.name` everywhere a guidance schedule is chosen."""
+    if schedule.name in GUIDANCE_SCHEDULES:
+        raise ValueError(
+            f"A guidance schedule named {schedule.name!r} is already registered; registered: "
+            f"{tuple(GUIDANCE_SCHEDULES)}."
+        )
+    GUIDANCE_SCHEDULES[schedule.name] = schedule
+    return schedule
+
+
+def constant_weight(timestep: float, guidance_scale: float, guidance_power: float, horizon: int | None) -> float:
+    return guidance_scale
+
+
+def power_cosine_weight(timestep: float, guidance_scale: float, guidance_power: float, horizon: int | None) -> float:
+    ramp = 0.5 * (1 - math.cos(math.pi * (1 - timestep / horizon) ** guidance_power))
+    return 1 + (guidance_scale - 1) * ramp
+
+
+register_guidance_schedule(
+    GuidanceSchedule("constant", constant_weight, needs_discrete_time=False, description="w(t) = w at every step")
+)
+register_guidance_schedule(
+    GuidanceSchedule(
+        "power-cosine",
+        power_cosine_weight,
+        needs_discrete_time=True,
+        description="w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)), rising from 1 at t = T to w at t = 0",
+    )
+)
+
+
+def get_guidance_schedule(guidance_schedule: str) -> GuidanceSchedule:
+    if not isinstance(guidance_schedule, str) or guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"`guidance_schedule` must be one of {tuple(GUIDANCE_SCHEDULES)}, got {guidance_schedule!r}.")
+    return GUIDANCE_SCHEDULES[guidance_schedule]
+
+
+def usable_guidance_schedules(discrete_time: bool) -> list[str]:
+    """Names of the schedules that a discrete-time (or, with False, a continuous-time) scheduler can drive."""
+    return [name for name, schedule in GUIDANCE_SCHEDULES.items() if discrete_time or not schedule.needs_discrete_time]
+
+
+def describe_guidance_schedules(names: list[str] | None = None) -> str:
+    """The schedules `names` (default: all) as "name: description; ...", for help texts."""
+    schedules = [GUIDANCE_SCHEDULES[name] for name in names] if names is not None else GUIDANCE_SCHEDULES.values()
+    return "; ".join(
+        f"{s.name}: {s.description}" + (" (discrete-time schedulers)" if s.needs_discrete_time else "")
+        for s in schedules
+    )
 
 
 def check_guidance_recipe(
@@ -31,12 +102,13 @@ def check_guidance_recipe(
     """Validate a guidance recipe; returns it normalised (numbers as floats/ints, the interval as a list or None)."""
     if not is_finite_number(guidance_scale) or guidance_scale < 1:
         raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 = no guidance), got {guidance_scale!r}.")
-    if guidance_schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+    get_guidance_schedule(guidance_schedule)
     if not is_finite_number(guidance_power) or guidance_power <= 0:
         raise ValueError(f"`guidance_power` must be a finite number > 0, got {guidance_power!r}.")
     if guided_channels is not None and (
-        isinstance(guided_channels, bool) or not isinstance(guided_channels, int) or not 1 <= guided_channels <= in_channels
+        isinstance(guided_channels, bool)
+        or not isinstance(guided_channels, int)
+        or not 1 <= guided_channels <= in_channels
     ):
         raise ValueError(
             f"`guided_channels` must be None (all) or an int in [1, {in_channels}] (the model's in_channels), "
@@ -65,16 +137,28 @@ def check_guidance_recipe(
     )
 
 
-def training_horizon(scheduler) -> int:
+def training_horizon(scheduler) -> int | None:
     """T of a discrete-time scheduler, whose timesteps are training steps indexing its `alphas_cumprod` (DDPM, DDIM,
-    DPM-Solver, Euler, …). Continuous-time schedulers (EDM: timesteps are c_noise = ln(σ)/4) have none."""
+    DPM-Solver, Euler, …); None for continuous-time schedulers (EDM: timesteps are c_noise = ln(σ)/4)."""
     horizon = getattr(scheduler.config, "num_train_timesteps", None)
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
     if horizon is None or alphas_cumprod is None or len(alphas_cumprod) != horizon:
+        return None
+    return horizon
+
+
+def schedule_horizon(guidance_schedule: str, scheduler) -> int | None:
+    """The `horizon` that `guidance_schedule`'s w(t) reads with `scheduler`: its training horizon T when the schedule
+    needs a discrete-time scheduler, else None. A `ValueError` when it needs one and `scheduler` is not."""
+    if not get_guidance_schedule(guidance_schedule).needs_discrete_time:
+        return None
+    horizon = training_horizon(scheduler)
+    if horizon is None:
+        usable = " or ".join(f"`guidance_schedule={name!r}`" for name in usable_guidance_schedules(False))
         raise ValueError(
-            f"`guidance_schedule='power-cosine'` needs a discrete-time scheduler (training timesteps 0…T-1 with "
-            f"`config.num_train_timesteps` = T), but {type(scheduler).__name__} has none; use "
-            f"`guidance_schedule='constant'` with this scheduler."
+            f"`guidance_schedule={guidance_schedule!r}` needs a discrete-time scheduler (training timesteps 0…T-1 "
+            f"with `config.num_train_timesteps` = T), but {type(scheduler).__name__} has none; use {usable} with "
+            "this scheduler."
         )
     return horizon
 
@@ -82,15 +166,11 @@ def training_horizon(scheduler) -> int:
 def guidance_weight(
     timestep: float, guidance_scale: float, guidance_schedule: str, guidance_power: float, horizon: int | None = None
 ) -> float:
-    """w(t) of the schedule (see the module docstring); `horizon` = T is needed by "power-cosine"."""
-    if guidance_schedule == "constant":
-        return guidance_scale
-    if guidance_schedule == "power-cosine":
-        if horizon is None:
-            raise ValueError("`horizon` (the scheduler's num_train_timesteps) is required for 'power-cosine'.")
-        ramp = 0.5 * (1 - math.cos(math.pi * (1 - timestep / horizon) ** guidance_power))
-        return 1 + (guidance_scale - 1) * ramp
-    raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+    """w(t) of the schedule (see `GUIDANCE_SCHEDULES`); `horizon` = T is needed by schedules that read t/T."""
+    schedule = get_guidance_schedule(guidance_schedule)
+    if schedule.needs_discrete_time and horizon is None:
+        raise ValueError(f"`horizon` (the scheduler's num_train_timesteps) is required for {guidance_schedule!r}.")
+    return schedule.weight(timestep, guidance_scale, guidance_power, horizon)
 
 
 def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, weight: float, guided_channels: int) -> torch.Tensor:

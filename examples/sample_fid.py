@@ -28,6 +28,7 @@ from accelerate.logging import get_logger
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, describe_guidance_schedules
 from diffusers_diffit.pipelines import DiffiTPipeline
 from diffusers_diffit.utils import derive_seed
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Weights and activations dtype.")
     p.add_argument("--num_inference_steps", type=int)
     p.add_argument("--guidance_scale", type=float)
-    p.add_argument("--guidance_schedule", choices=["constant", "power-cosine"])
+    p.add_argument("--guidance_schedule", choices=list(GUIDANCE_SCHEDULES), help=describe_guidance_schedules())
     p.add_argument("--guidance_power", type=float)
     p.add_argument("--guided_channels", type=int)
     p.add_argument("--no_npz", action="store_true", help="Only write the PNG files.")

@@ -22,7 +22,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..guidance import apply_guidance, check_guidance_recipe, guidance_weight, training_horizon
+from ..guidance import apply_guidance, check_guidance_recipe, guidance_weight, schedule_horizon
 from ..hub import HUB_DOWNLOAD_KWARGS, download_pipeline
 from ..labels import imagenet_id2label, lookup_label_ids, normalize_id2label
 from ..schedulers.compatibility import COMPATIBLE, check_scheduler, infer_denoiser_type, scheduler_class
@@ -277,8 +277,7 @@ class DiffiTPipeline(DiffusionPipeline):
                 f"`guidance_scale` is {recipe['guidance_scale']} but this model is unconditional "
                 "(num_classes=0); classifier-free guidance needs a class-conditional model (use 1)."
             )
-        if recipe["guidance_schedule"] == "power-cosine":
-            training_horizon(self.scheduler)  # raises for schedulers without discrete training timesteps
+        schedule_horizon(recipe["guidance_schedule"], self.scheduler)  # raises if the scheduler cannot drive it
         # the scheduler may have been changed in place since it was assigned
         checked = check_scheduler(self.scheduler, self.denoiser_type)
         if checked is not self.scheduler:  # adapted (variance_type=None): keep the adapted one
@@ -377,8 +376,9 @@ class DiffiTPipeline(DiffusionPipeline):
             num_images_per_label: images per entry of `class_labels` (the number of images when it is None).
             num_inference_steps: scheduler steps.
             guidance_scale: w >= 1; 1 = no guidance (one forward per step instead of two).
-            guidance_schedule: "constant" (w(t) = w) or "power-cosine"
-                (w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)), t the training timestep; discrete-time schedulers).
+            guidance_schedule: a name in `diffusers_diffit.GUIDANCE_SCHEDULES`: "constant" (w(t) = w),
+                "power-cosine" (w(t) = 1 + (w − 1)·½·(1 − cos(π·(1 − t/T)^p)), t the training timestep;
+                discrete-time schedulers) or one added with `diffusers_diffit.guidance.register_guidance_schedule`.
             guidance_power: p of "power-cosine".
             guided_channels: how many leading latent channels are guided (3 = the release); `in_channels` = all.
             guidance_interval: (t_low, t_high) in the units of `scheduler.timesteps`: no guidance (and no
@@ -487,7 +487,7 @@ class DiffiTPipeline(DiffusionPipeline):
 
     def _guidance_weight(self, t: torch.Tensor) -> float:
         """w(t) of the live recipe."""
-        horizon = training_horizon(self.scheduler) if self.guidance_schedule == "power-cosine" else None
+        horizon = schedule_horizon(self.guidance_schedule, self.scheduler)
         return guidance_weight(float(t), self.guidance_scale, self.guidance_schedule, self.guidance_power, horizon)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:

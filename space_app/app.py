@@ -30,7 +30,12 @@ from PIL import Image
 
 from diffusers_diffit import DiffiTPipeline, embedded_model_path
 from diffusers_diffit.cli import make_grid
-from diffusers_diffit.guidance import training_horizon
+from diffusers_diffit.guidance import (
+    GUIDANCE_SCHEDULES,
+    describe_guidance_schedules,
+    training_horizon,
+    usable_guidance_schedules,
+)
 from diffusers_diffit.hub import download_pipeline
 from diffusers_diffit.schedulers import scheduler_from_preset, scheduler_presets
 
@@ -211,18 +216,9 @@ def scheduler_choices(pipe: DiffiTPipeline) -> list[tuple[str, str]]:
     return [own] + [(name, name) for name in scheduler_presets(pipe.denoiser_type)]
 
 
-def supports_power_cosine(scheduler) -> bool:
-    """The power-cosine guidance ramp needs a discrete-time scheduler (training timesteps 0…T-1)."""
-    try:
-        training_horizon(scheduler)
-    except ValueError:
-        return False
-    return True
-
-
 def guidance_schedules(pipe: DiffiTPipeline) -> list[str]:
     """Guidance schedules that work with the model's scheduler family, the model's saved one first."""
-    valid = ["constant", "power-cosine"] if supports_power_cosine(pipe.scheduler) else ["constant"]
+    valid = usable_guidance_schedules(discrete_time=training_horizon(pipe.scheduler) is not None)
     default = pipe.config.guidance_schedule
     return [default] + [s for s in valid if s != default] if default in valid else valid
 
@@ -377,13 +373,14 @@ def check_request(
     steps = check_int("Steps", steps, 1, MAX_STEPS)
     guidance_scale = check_float("Guidance scale", guidance_scale, 1.0, MAX_GUIDANCE)
     scheduler = check_choice("Scheduler", scheduler, [value for _, value in scheduler_choices(pipe)])
-    guidance_schedule = check_choice("Guidance schedule", guidance_schedule, ["constant", "power-cosine"])
+    guidance_schedule = check_choice("Guidance schedule", guidance_schedule, list(GUIDANCE_SCHEDULES))
     guided = ids and guidance_scale != 1
-    power_cosine = guidance_schedule == "power-cosine"
-    if guided and power_cosine and not supports_power_cosine(request_scheduler(pipe, scheduler)):
+    needs_discrete_time = GUIDANCE_SCHEDULES[guidance_schedule].needs_discrete_time
+    if guided and needs_discrete_time and training_horizon(request_scheduler(pipe, scheduler)) is None:
         raise ValueError(
-            "The power-cosine guidance schedule needs a discrete-time scheduler (DDPM, DDIM, DPM-Solver, ...); "
-            f"{scheduler_label(pipe, scheduler)} is not one. Choose the constant schedule."
+            f"The {guidance_schedule} guidance schedule needs a discrete-time scheduler (DDPM, DDIM, DPM-Solver, "
+            f"...); {scheduler_label(pipe, scheduler)} is not one. Choose the "
+            f"{' or '.join(usable_guidance_schedules(discrete_time=False))} schedule."
         )
     seed = check_seed(seed, randomize_seed)
     return Request(ids, per_class, steps, guidance_scale, guidance_schedule, scheduler, seed)
@@ -502,7 +499,8 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
                                                label="Guidance scale", elem_id="guidance-scale",
                                                info="1 = no classifier-free guidance", interactive=conditional)
                     guidance_schedule = gr.Dropdown(guidance_schedules(pipe), value=d.guidance_schedule,
-                                                    label="Guidance schedule", elem_id="guidance-schedule")
+                                                    label="Guidance schedule", elem_id="guidance-schedule",
+                                                    info=describe_guidance_schedules(guidance_schedules(pipe)))
                     scheduler = gr.Dropdown(scheduler_choices(pipe), value=d.scheduler, label="Scheduler",
                                             elem_id="scheduler")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")

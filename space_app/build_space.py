@@ -20,6 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from diffusers_diffit.guidance import GUIDANCE_SCHEDULES
+
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -101,6 +103,7 @@ def space_readme(served: dict, gradio_version: str, space_id: str | None) -> str
     )
     client_target = space_id or "http://127.0.0.1:7860/"
     classes = '["3", "7"]' if served["model"] is None else '["golden retriever", "volcano"]'
+    schedules = " or ".join(f'"{name}"' for name in GUIDANCE_SCHEDULES)
     return f"""---
 {data.to_yaml()}
 ---
@@ -137,9 +140,9 @@ gallery, grid, seed = client.predict(
 print(gallery[0]["image"], gallery[0]["caption"], seed)   # local paths of the PNGs, class names, the seed used
 ```
 
-Other arguments: `steps`, `guidance_scale`, `guidance_schedule` ("constant" or "power-cosine"), `scheduler`
-("default" = the model's own, or a preset name the page lists). Mistakes come back as an error that says what to
-change.
+Other arguments: `steps`, `guidance_scale`, `guidance_schedule` ({schedules}: the page lists those the model's
+scheduler can drive), `scheduler` ("default" = the model's own, or a preset name the page lists). Mistakes come back
+as an error that says what to change.
 
 ## Run it locally
 

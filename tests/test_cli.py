@@ -2,6 +2,7 @@
 stderr naming the option and what is allowed, exit status 2, no traceback and no output file, before any model is
 loaded; good commands write the grid."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from diffusers_diffit.cli import main as cli_main
+from diffusers_diffit.guidance import GUIDANCE_SCHEDULES
 from tests.test_pipeline import make_pipe
 
 
@@ -59,6 +61,8 @@ BAD = [  # (arguments, option named in the one-line message, words of the messag
     (["--guidance-interval", "1", "nan"], "--guidance-interval", "give LOW HIGH"),
     (["--scheduler", "ddim"], "--scheduler", "cannot drive this 'edm' model"),
     (["--scheduler", "nope"], "--scheduler", "invalid choice: 'nope'"),
+    (["--guidance-schedule", "cosine"], "--guidance-schedule", "invalid choice: 'cosine'"),
+    (["--guidance-schedule", "power-cosine"], "--guidance-schedule", "'power-cosine' needs a discrete-time scheduler"),
     (["--seed", "123456789012345678901234"], "--seed", "must be in [0, 18446744073709551615]"),
     (["--seed", "-1"], "--seed", "must be in [0,"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device", "CUDA"),
@@ -130,9 +134,20 @@ def test_scheduler_presets_are_built_for_the_loaded_model(imagenet_like, tmp_pat
                      "18", "--guidance-interval", "all", "--output", str(tmp_path / "heun.png")]) == 0
 
 
+def test_guidance_schedule_reaches_the_pipeline(imagenet_like, tmp_path, monkeypatch):
+    calls = []
+    schedule = GUIDANCE_SCHEDULES["power-cosine"]
+    spy = dataclasses.replace(schedule, weight=lambda *args: calls.append(args) or schedule.weight(*args))
+    monkeypatch.setitem(GUIDANCE_SCHEDULES, "power-cosine", spy)
+    assert cli_main(["sample", "--model", str(imagenet_like), "--labels", "1", "--num-images-per-label", "1",
+                     "--steps", "3", "--guidance-schedule", "power-cosine", "--output", str(tmp_path / "g.png")]) == 0
+    assert [(guidance_scale, horizon) for _, guidance_scale, _, horizon in calls] == [(1.5, 1000)] * 3
+
+
 def test_help_lists_the_options_and_presets():
     process = subprocess.run([sys.executable, "-m", "diffusers_diffit.cli", "sample", "--help"], capture_output=True,
                              text=True, env={**os.environ, **OFFLINE}, timeout=120)
     assert process.returncode == 0
-    for words in ("--labels", "--scheduler", "edm-heun", "dpmsolver", "--debug", "--seed", "--device"):
+    for words in ("--labels", "--scheduler", "edm-heun", "dpmsolver", "--debug", "--seed", "--device",
+                  "--guidance-schedule"):
         assert words in process.stdout

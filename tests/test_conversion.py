@@ -128,6 +128,8 @@ def test_conversion_writes_a_complete_verified_pipeline(inputs, tmp_path, capsys
     assert card.data.base_model == "nvidia/DiffiT" and "diffit" in card.data.tags
     assert "from diffusers_diffit import DiffiTPipeline" in card.text and f'from_pretrained("{out}"' in card.text
     assert "| 1.73 | 4.54 | 276.49 | 0.802 | 0.621 |" in card.text and "@inproceedings{hatamizadeh2024diffit" in card.text
+    assert "the first 3 of the 4 latent channels, the power-cosine schedule w(t) = 1 + (w − 1)" in card.text
+    assert "(w = 4.4, p = 4, T = 1000)." in card.text
     assert "Would upload" not in capsys.readouterr().out
 
 
@@ -143,6 +145,7 @@ def test_dry_run_lists_the_upload_without_network(inputs, tmp_path, capsys):
     assert 'from_pretrained("someone/DiffiT-tiny"' in card.text and "| 2.67 | 4.99 | 252.13 | 0.828 | 0.550 |" in card.text
     index = json.loads((out / "model_index.json").read_text())
     assert (index["guidance_scale"], index["guidance_schedule"]) == (1.49, "constant")
+    assert "the constant schedule w(t) = w at every step (w = 1.49)." in card.text
     weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 

@@ -33,7 +33,9 @@ from diffusers import (
 )
 from diffusers.schedulers import scheduling_ddpm
 
-from diffusers_diffit.guidance import guidance_weight
+from diffusers_diffit.cli import build_parser
+from diffusers_diffit.cli import main as cli_main
+from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, GuidanceSchedule, guidance_weight, register_guidance_schedule
 from diffusers_diffit.models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
 from diffusers_diffit.schedulers import EDMHeunScheduler
@@ -396,6 +398,47 @@ def test_guided_channels_and_call_arguments_override_the_config():
     assert torch.equal(default, pipe(**run, generator=gen(0), guided_channels=None).images)  # None = the config's
     assert not torch.allclose(default, pipe(**run, generator=gen(0), guided_channels=4).images)  # all 4
     assert not torch.allclose(default, pipe(**run, generator=gen(0), guidance_scale=2.0).images)
+
+
+@pytest.fixture
+def halfway_schedule():
+    """A schedule registered for one test: w(t) = (1 + w) / 2 for discrete-time schedulers, recording its calls."""
+    calls = []
+
+    def weight(timestep, guidance_scale, guidance_power, horizon):
+        calls.append((timestep, horizon))
+        return (1 + guidance_scale) / 2
+
+    schedule = GuidanceSchedule("halfway", weight, needs_discrete_time=True, description="w(t) = (1 + w) / 2")
+    yield register_guidance_schedule(schedule), calls
+    del GUIDANCE_SCHEDULES["halfway"]
+
+
+@torch.no_grad()
+def test_a_registered_schedule_is_sampled_with_and_offered_by_the_cli(halfway_schedule, tmp_path, capsys, monkeypatch):
+    schedule, calls = halfway_schedule
+    with pytest.raises(ValueError, match="'halfway' is already registered"):
+        register_guidance_schedule(schedule)
+    pipe = make_pipe(vae=None, guidance_scale=3.0, guidance_schedule="halfway")  # a saved default like any other
+    run = dict(class_labels=[1, 2], num_inference_steps=4, output_type="latent")
+    halfway = pipe(**run, generator=gen(0)).images
+    assert calls == [(float(t), 1000) for t in pipe.scheduler.timesteps]
+    # bitwise: the same pipeline and batches, w(t) = 2 at every step either way
+    constant = pipe(**run, generator=gen(0), guidance_schedule="constant", guidance_scale=2.0).images
+    assert torch.equal(halfway, constant)
+    assert not torch.allclose(halfway, pipe(**run, generator=gen(0), guidance_schedule="constant").images)  # w = 3
+    edm = make_pipe(scheduler=EDMEulerScheduler(), vae=None, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="'halfway'.*needs a discrete-time scheduler.*EDMEulerScheduler"):
+        edm([1], num_inference_steps=2, guidance_schedule="halfway")
+
+    assert build_parser().parse_args(["sample", "--guidance-schedule", "halfway"]).guidance_schedule == "halfway"
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse's help on one line per option
+    with pytest.raises(SystemExit):
+        cli_main(["sample", "--help"])
+    assert "halfway: w(t) = (1 + w) / 2 (discrete-time schedulers)" in capsys.readouterr().out
+    # the digits model shipped in the package samples in EDM σ-space: refused before it is loaded
+    assert cli_main(["sample", "--labels", "1", "--guidance-schedule", "halfway", "--output", str(tmp_path / "g.png")]) == 2
+    assert "argument --guidance-schedule: 'halfway' needs a discrete-time scheduler" in capsys.readouterr().err
 
 
 @torch.no_grad()
