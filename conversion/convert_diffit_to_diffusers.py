@@ -25,7 +25,7 @@ import torch
 from diffusers_diffit.cli import make_grid, parse_labels
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, push_to_hub
-from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline
+from diffusers_diffit.pipelines import OFFICIAL_RECIPES, RECIPE_KEYS, DiffiTPipeline
 
 
 logger = logging.getLogger("convert_diffit_to_diffusers")
@@ -39,8 +39,6 @@ PIPELINE_TAG = "unconditional-image-generation"
 SAMPLE_GRID = "sample_grid.png"
 SAMPLE_LABELS = ["88", "207", "279", "360", "387", "417", "974", "979"]  # macaw, golden retriever, arctic fox, ...
 # NVIDIA's reported ImageNet FID-50K results with the official recipe (ADM evaluator), by image side.
-RECIPE_KEYS = ("id2label", "num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power",
-               "guided_channels", "guidance_interval")  # the pipeline's saved defaults
 REPORTED = {  # FID, sFID, IS, precision, recall
     256: ("1.73", "4.54", "276.49", "0.802", "0.621"),
     512: ("2.67", "4.99", "252.13", "0.828", "0.550"),
@@ -189,7 +187,7 @@ def check_written_pipeline(output_path: str, pipe: DiffiTPipeline) -> DiffiTPipe
     t, y = torch.tensor([999, 0]), torch.tensor([0, cfg.num_classes])
     if not torch.equal(pipe.transformer(x, t, y, return_dict=False)[0], reloaded.transformer(x, t, y, return_dict=False)[0]):
         raise RuntimeError("The written transformer's output differs from the checkpoint's.")
-    for key in RECIPE_KEYS:
+    for key in ("id2label", *RECIPE_KEYS):
         if reloaded.config[key] != pipe.config[key]:
             raise RuntimeError(f"model_index.json lost {key}: {reloaded.config[key]!r} != {pipe.config[key]!r}")
     return reloaded

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, describe_guidance_schedules
-from diffusers_diffit.pipelines import DiffiTPipeline
+from diffusers_diffit.pipelines import RECIPE_KEYS, DiffiTPipeline
 from diffusers_diffit.utils import derive_seed
 
 
@@ -45,11 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32, help="Images per forward, per process.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Weights and activations dtype.")
+    # the sampling recipe (RECIPE_KEYS): each flag left out keeps the pipeline's saved value
     p.add_argument("--num_inference_steps", type=int)
     p.add_argument("--guidance_scale", type=float)
     p.add_argument("--guidance_schedule", choices=list(GUIDANCE_SCHEDULES), help=describe_guidance_schedules())
     p.add_argument("--guidance_power", type=float)
     p.add_argument("--guided_channels", type=int)
+    p.add_argument("--guidance_interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="Guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units).")
     p.add_argument("--no_npz", action="store_true", help="Only write the PNG files.")
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size"):
@@ -79,8 +82,7 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     num_classes = pipe.transformer.config.num_classes
     labels = sample_labels(args.num_samples, num_classes, args.seed)
-    recipe = {k: getattr(args, k) for k in ("num_inference_steps", "guidance_scale", "guidance_schedule",
-                                            "guidance_power", "guided_channels") if getattr(args, k) is not None}
+    recipe = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k) is not None}
 
     def path_of(i: int) -> Path:
         return images_dir / f"{i:06d}.png"

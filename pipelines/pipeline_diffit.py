@@ -78,8 +78,8 @@ class DiffiTPipeline(DiffusionPipeline):
         id2label: class id -> names (list of synonyms, or one comma-separated string). None with a 1000-class model
             means the ImageNet-1k names shipped with the package.
         num_inference_steps, guidance_scale, guidance_schedule, guidance_power, guided_channels, guidance_interval:
-            the default recipe of `__call__` (see there), saved with the pipeline. `OFFICIAL_RECIPES` holds
-            NVIDIA's.
+            the default recipe of `__call__` (see there; `RECIPE_KEYS`), saved with the pipeline.
+            `OFFICIAL_RECIPES` holds NVIDIA's.
         denoiser_type: what the denoiser was trained as, "ddpm" (discrete-time ε, optionally with the learned
             variance) or "edm" (EDM-preconditioned); saved with the pipeline. None infers it from the scheduler
             (EDM σ-space schedulers mean "edm"), which is also how folders saved without it load.

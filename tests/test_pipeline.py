@@ -37,7 +37,7 @@ from diffusers_diffit.cli import build_parser
 from diffusers_diffit.cli import main as cli_main
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, GuidanceSchedule, guidance_weight, register_guidance_schedule
 from diffusers_diffit.models import DiffiTTransformer2DModel, DiffiTUNet2DModel
-from diffusers_diffit.pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
+from diffusers_diffit.pipelines import OFFICIAL_RECIPES, RECIPE_KEYS, DiffiTPipeline, official_scheduler
 from diffusers_diffit.schedulers import EDMHeunScheduler
 from tests.utils import relative_error
 
@@ -614,8 +614,7 @@ def test_save_load_round_trip(tmp_path):
 
     loaded = DiffiTPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    keys = ["id2label", "num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power",
-            "guided_channels", "guidance_interval"]
+    keys = ["id2label", *RECIPE_KEYS]
     assert {k: loaded.config[k] for k in keys} == {k: pipe.config[k] for k in keys}
     assert loaded.config.guidance_interval == [10.0, 900.0] and loaded.id2label[3] == ["three", "drei"]
     assert type(loaded.scheduler) is DDPMScheduler and loaded.scheduler.config.variance_type == "learned_range"
