@@ -26,11 +26,11 @@ from diffusers_diffit.cli import make_grid, parse_labels
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, push_to_hub
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, RECIPE_KEYS, DiffiTPipeline
+from diffusers_diffit.utils import DTYPES, dtype_name
 
 
 logger = logging.getLogger("convert_diffit_to_diffusers")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LICENSE = "cc-by-nc-sa-4.0"  # the weights' licence (share-alike): converted repos carry it
 TAGS = ["diffit", "diffusion-transformer", "class-conditional", "imagenet", "image-generation"]
 # The Hub has no class-conditional task; diffusers' own class-conditional DiT repos set none. Unconditional image
@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL: Hub id or local folder")
     parser.add_argument("--image_size", type=int, choices=sorted(OFFICIAL_RECIPES), default=None,
                         help="resolution whose official recipe becomes the default (inferred from the checkpoint)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
+    parser.add_argument("--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32",
+                        help="dtype of the saved weights")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="upload the folder to this model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--dry_run", action="store_true", help="with --push_to_hub: list the upload, send nothing")

@@ -1,11 +1,17 @@
-"""Small helpers shared across the package: input checks (every bad input is a `ValueError` naming the argument)
-and seeds derived from keys."""
+"""Small helpers shared across the package: input checks (every bad input is a `ValueError` naming the argument),
+seeds derived from keys, the dtype names of the command lines."""
 
 import math
 import numbers
 
 import numpy as np
 import torch
+
+
+# `--dtype` of every script: name -> torch dtype. `dtype_name` also takes torch's spelling ("float16"), which
+# examples/precompute_latents.py took before.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def check_timestep(timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
@@ -70,3 +76,9 @@ def derive_seed(*keys: int) -> int:
     if any(k < 0 for k in keys):
         raise ValueError(f"`keys` must be non-negative integers, got {keys}.")
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def dtype_name(text: str) -> str:
+    """A `--dtype` value -> its key in `DTYPES` ("float16" -> "fp16"); other text is returned as given, for
+    argparse's `choices=sorted(DTYPES)` to reject with the list of names (use as `type=dtype_name`)."""
+    return _DTYPE_ALIASES.get(text, text)

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers_diffit.data import ImageDataset, load_vae
+from diffusers_diffit.utils import DTYPES, dtype_name
 
 
 logger = get_logger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -49,7 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--shard_size", type=int, default=4096, help="Images per shard file.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Storage dtype of the moments.")
+    parser.add_argument("--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32",
+                        help="Storage dtype of the moments (float32/float16/bfloat16 are accepted too).")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     args = parser.parse_args(argv)
@@ -80,7 +81,7 @@ def main(argv=None):
         "resolution": args.resolution,
         "flip": args.flip,
         "shard_size": args.shard_size,
-        "dtype": args.dtype,
+        "dtype": str(DTYPES[args.dtype]).removeprefix("torch."),  # torch's name ("float16"), as folders always said
         "num_items": len(dataset),
         "classes": dataset.classes,
         "scaling_factor": vae.config.scaling_factor,

@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, describe_guidance_schedules
 from diffusers_diffit.pipelines import RECIPE_KEYS, DiffiTPipeline
-from diffusers_diffit.utils import derive_seed
+from diffusers_diffit.utils import DTYPES, derive_seed, dtype_name
 
 
 logger = get_logger(__name__)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -44,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--batch_size", type=int, default=32, help="Images per forward, per process.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Weights and activations dtype.")
+    p.add_argument("--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32",
+                   help="Weights and activations dtype.")
     # the sampling recipe (RECIPE_KEYS): each flag left out keeps the pipeline's saved value
     p.add_argument("--num_inference_steps", type=int)
     p.add_argument("--guidance_scale", type=float)

@@ -160,6 +160,9 @@ def test_conversion_arguments_are_checked(inputs, tmp_path):
         script.main([*base, "--dry_run"])  # needs --push_to_hub
     with pytest.raises(SystemExit):
         script.main([*base, "--image_size", "384"])
+    with pytest.raises(SystemExit):
+        script.main([*base, "--dtype", "fp64"])
+    assert script.parse_args([*base, "--dtype", "bfloat16"]).dtype == "bf16"  # torch's spelling is accepted too
     assert not (tmp_path / "x").exists()
 
 
