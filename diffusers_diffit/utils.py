@@ -1,5 +1,5 @@
 """Small helpers shared across the package: input checks (every bad input is a `ValueError` naming the argument),
-seeds derived from keys, the dtype names of the command lines."""
+seeds derived from keys, the dtype names of the command lines, the VAE's scale factor."""
 
 import math
 import numbers
@@ -82,3 +82,8 @@ def dtype_name(text: str) -> str:
     """A `--dtype` value -> its key in `DTYPES` ("float16" -> "fp16"); other text is returned as given, for
     argparse's `choices=sorted(DTYPES)` to reject with the list of names (use as `type=dtype_name`)."""
     return _DTYPE_ALIASES.get(text, text)
+
+
+def vae_scale_factor(vae) -> int:
+    """Image side / latent side of an `AutoencoderKL` (1 for None: pixel space)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)

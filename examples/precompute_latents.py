@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers_diffit.data import ImageDataset, load_vae
-from diffusers_diffit.utils import DTYPES, dtype_name
+from diffusers_diffit.utils import DTYPES, dtype_name, vae_scale_factor
 
 
 logger = get_logger(__name__)
@@ -86,7 +86,7 @@ def main(argv=None):
         "classes": dataset.classes,
         "scaling_factor": vae.config.scaling_factor,
         "latent_channels": vae.config.latent_channels,
-        "latent_size": args.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
+        "latent_size": args.resolution // vae_scale_factor(vae),
     }
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from ..guidance import apply_guidance, check_guidance_recipe, guidance_weight, s
 from ..hub import HUB_DOWNLOAD_KWARGS, download_pipeline
 from ..labels import imagenet_id2label, lookup_label_ids, normalize_id2label
 from ..schedulers.compatibility import COMPATIBLE, check_scheduler, infer_denoiser_type, scheduler_class
-from ..utils import resolve_dtype
+from ..utils import resolve_dtype, vae_scale_factor
 
 
 logger = logging.getLogger(__name__)
@@ -508,11 +508,6 @@ class DiffiTPipeline(DiffusionPipeline):
             return [PIL.Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]  # 1 channel -> "L"
         images = (images.float() / 2 + 0.5).clamp(0, 1)
         return images if output_type == "pt" else images.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def vae_scale_factor(vae: AutoencoderKL | None) -> int:
-    """Image side / latent side (1 in pixel space)."""
-    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def check_steps(num_inference_steps) -> None:
