@@ -118,7 +118,7 @@ def model_description(
     cfg, recipe = pipe.transformer.config, OFFICIAL_RECIPES[image_size]
     schedule = GUIDANCE_SCHEDULES[recipe["guidance_schedule"]]
     values = [f"w = {recipe['guidance_scale']:g}"]
-    if "guidance_power" in recipe:
+    if "guidance_power" in recipe:  # the recipes that read p name it
         values.append(f"p = {recipe['guidance_power']:g}")
     if schedule.needs_discrete_time:
         values.append(f"T = {pipe.scheduler.config.num_train_timesteps}")

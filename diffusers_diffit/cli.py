@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", type=guidance_scale, default=None,
                         help="classifier-free guidance w >= 1, 1 = none (default: the pipeline's)")
     sample.add_argument("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES), default=None, metavar="NAME",
-                        help=f"the guidance weight w(t) at each step (default: the pipeline's): "
-                        f"{describe_guidance_schedules()}")
+                        help="the guidance weight w(t) at each step (default: the pipeline's): "
+                        + describe_guidance_schedules())
     sample.add_argument("--guidance-interval", nargs="+", default=None, metavar="T",
                         help="guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units), or 'all' "
                         "for every step (default: the pipeline's)")
@@ -277,7 +277,7 @@ def check_sample_args(args: argparse.Namespace) -> ModelInfo:
     if args.guidance_scale not in (None, 1.0) and info.num_classes == 0:
         raise UsageError("--guidance-scale", f"{args.guidance_scale} needs a class-conditional model; this one "
                                              "is unconditional (use 1 or omit it)")
-    discrete_time = info.num_train_timesteps is not None  # every scheduler that can drive the model is alike
+    discrete_time = info.num_train_timesteps is not None  # the model's scheduler and its presets are of one kind
     if args.guidance_schedule is not None and args.guidance_schedule not in usable_guidance_schedules(discrete_time):
         raise UsageError("--guidance-schedule", f"{args.guidance_schedule!r} needs a discrete-time scheduler, and "
                                                 f"this {info.denoiser_type!r} model samples in EDM σ-space; choose "

@@ -72,6 +72,7 @@ register_guidance_schedule(
 
 
 def get_guidance_schedule(guidance_schedule: str) -> GuidanceSchedule:
+    """The registered schedule of that name; a `ValueError` listing the registered names otherwise."""
     if not isinstance(guidance_schedule, str) or guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"`guidance_schedule` must be one of {tuple(GUIDANCE_SCHEDULES)}, got {guidance_schedule!r}.")
     return GUIDANCE_SCHEDULES[guidance_schedule]

@@ -445,6 +445,7 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
     d = recipe_defaults(pipe)
     choices = class_choices(pipe)
     conditional = pipe.transformer.config.num_classes > 0
+    schedules = guidance_schedules(pipe)
 
     def check(classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed):
         """Runs before `run`, without outputs: a mistake shows as a message and the previous images stay."""
@@ -498,9 +499,9 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
                     guidance_scale = gr.Slider(1.0, MAX_GUIDANCE, value=d.guidance_scale, step=0.05,
                                                label="Guidance scale", elem_id="guidance-scale",
                                                info="1 = no classifier-free guidance", interactive=conditional)
-                    guidance_schedule = gr.Dropdown(guidance_schedules(pipe), value=d.guidance_schedule,
-                                                    label="Guidance schedule", elem_id="guidance-schedule",
-                                                    info=describe_guidance_schedules(guidance_schedules(pipe)))
+                    guidance_schedule = gr.Dropdown(schedules, value=d.guidance_schedule, label="Guidance schedule",
+                                                    elem_id="guidance-schedule",
+                                                    info=describe_guidance_schedules(schedules))
                     scheduler = gr.Dropdown(scheduler_choices(pipe), value=d.scheduler, label="Scheduler",
                                             elem_id="scheduler")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
