@@ -1,10 +1,9 @@
 """Small helpers shared across the package: input checks (every bad input is a `ValueError` naming the argument),
-seeds derived from keys, the dtype names of the command lines, the VAE's scale factor."""
+the dtype names of the command lines, the VAE's scale factor."""
 
 import math
 import numbers
 
-import numpy as np
 import torch
 
 
@@ -68,14 +67,6 @@ def is_finite_number(value) -> bool:
     """A real number (int, float, numpy scalar; not a bool) that is neither NaN nor infinite."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that depends only on the non-negative integer `keys`, e.g. (seed, global_step, micro_step,
-    process_index): randomness drawn from it is the same in a resumed run as in an uninterrupted one. Neighbouring
-    keys give independent streams (numpy's `SeedSequence` hashing)."""
-    if any(k < 0 for k in keys):
-        raise ValueError(f"`keys` must be non-negative integers, got {keys}.")
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def dtype_name(text: str) -> str:

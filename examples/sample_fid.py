@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, describe_guidance_schedules
 from diffusers_diffit.pipelines import RECIPE_KEYS, DiffiTPipeline
-from diffusers_diffit.utils import DTYPES, derive_seed, dtype_name
+from diffusers_diffit.seeding import derive_seed
+from diffusers_diffit.utils import DTYPES, dtype_name
 
 
 logger = get_logger(__name__)

@@ -56,9 +56,9 @@ from diffusers_diffit.finetuning import default_class_map, resize_class_embeddin
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, download_pipeline, push_to_hub
 from diffusers_diffit.losses import OBJECTIVES
 from diffusers_diffit.pipelines import RECIPE_KEYS
-from diffusers_diffit.pipelines.pipeline_diffit import vae_scale_factor
 from diffusers_diffit.schedulers.compatibility import scheduler_support
-from diffusers_diffit.utils import derive_seed
+from diffusers_diffit.seeding import derive_seed
+from diffusers_diffit.utils import vae_scale_factor
 
 
 logger = get_logger(__name__)

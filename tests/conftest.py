@@ -34,12 +34,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def train_assets(tmp_path_factory) -> dict:
     """What the training tests train on: a tiny VAE folder, tiny model configs, RGB and grayscale ImageFolders."""
-    from tests.utils import tiny_vae, write_image_folder
+    from tests.utils import TINY_TRANSFORMER, tiny_vae, write_image_folder
 
     root = tmp_path_factory.mktemp("training")
     tiny_vae().save_pretrained(root / "vae")
-    transformer = dict(_class_name="DiffiTTransformer2DModel", sample_size=8, patch_size=2, in_channels=4,
-                       out_channels=8, num_layers=2, num_attention_heads=2, attention_head_dim=8)
+    transformer = dict(_class_name="DiffiTTransformer2DModel", **TINY_TRANSFORMER)
     unet = dict(_class_name="DiffiTUNet2DModel", sample_size=8, in_channels=1, block_out_channels=[16, 32],
                 layers_per_block=1, window_size=4, attention_head_dim=8, time_embedding_dim=32, norm_num_groups=4)
     (root / "transformer.json").write_text(json.dumps(transformer))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from diffusers_diffit import hub
 from diffusers_diffit.labels import imagenet_id2label
 from diffusers_diffit.pipelines import DiffiTPipeline
+from tests.utils import tiny_vae
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_diffit_to_diffusers.py"
@@ -72,11 +73,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     state = official_layout_checkpoint()
     save_file(state, root / "diffit_tiny.safetensors")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
-    ).save_pretrained(root / "vae")
+    tiny_vae().save_pretrained(root / "vae")
     return root / "diffit_tiny.safetensors", root / "vae", state
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from diffusers_diffit.data import ImageDataset, LatentDataset, preprocess_image
 from diffusers_diffit.data.digits import digits_split, ink_to_model, model_to_ink, write_digits_folder
+from diffusers_diffit.seeding import derive_seed
 from tests.utils import load_example, reset_accelerate, run_in_process, write_image_folder
 
 
@@ -131,3 +132,11 @@ def test_precompute_latents_stores_vae_moments_and_resumes(train_assets, tmp_pat
                                         "--resolution", 16, "--output_dir", no_flip])
     with pytest.raises(ValueError, match="without --flip"):
         LatentDataset(no_flip, random_flip=True)
+
+
+def test_derive_seed_is_a_pure_function_of_its_keys():
+    assert derive_seed(0, 5, 1, 0) == derive_seed(0, 5, 1, 0) < 2**63
+    assert len({derive_seed(0, s, m, p) for s in range(20) for m in range(3) for p in range(2)}) == 120
+    assert derive_seed(1, 0) != derive_seed(0, 1)  # the order of the keys matters
+    with pytest.raises(ValueError, match="non-negative"):
+        derive_seed(0, -1)

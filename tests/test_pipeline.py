@@ -15,7 +15,6 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DEISMultistepScheduler,
@@ -39,7 +38,7 @@ from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, GuidanceSchedule, guid
 from diffusers_diffit.models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, RECIPE_KEYS, DiffiTPipeline, official_scheduler
 from diffusers_diffit.schedulers import EDMHeunScheduler
-from tests.utils import relative_error
+from tests.utils import TINY_TRANSFORMER, relative_error, tiny_vae
 
 
 # diffusers' Euler / LMS / KDPM2 schedulers meet numpy 2 with a deprecation warning per step (their side)
@@ -59,21 +58,13 @@ def _one_thread():
 
 def tiny_transformer(in_channels=4, learned_sigma=True, num_classes=NUM_CLASSES, seed=0) -> DiffiTTransformer2DModel:
     torch.manual_seed(seed)
-    model = DiffiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=in_channels, out_channels=in_channels * (2 if learned_sigma else 1),
-        num_layers=2, num_attention_heads=2, attention_head_dim=8, num_classes=num_classes,
-    )
+    model = DiffiTTransformer2DModel(**{
+        **TINY_TRANSFORMER, "in_channels": in_channels, "out_channels": in_channels * (2 if learned_sigma else 1),
+        "num_classes": num_classes,
+    })
     if num_classes:  # labels that matter a lot, so that any guidance slip shows in the final latents
         torch.nn.init.normal_(model.condition_embed.class_embedder.weight, std=30.0)
     return model.eval()
-
-
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
-    ).eval()
 
 
 def make_pipe(transformer=None, scheduler=None, vae="tiny", **config) -> DiffiTPipeline:
@@ -589,11 +580,12 @@ def test_labels_in_every_form_diffusers_dit_accepts(labels):
     assert torch.equal(pipe(labels, generator=gen(0), **run).images, pipe([3, 5], generator=gen(0), **run).images)
 
 
-def test_offload_sequence_names_the_models():
-    pipe = make_pipe()
-    assert pipe.model_cpu_offload_seq == "transformer->vae"
-    assert all(isinstance(pipe.components[name], torch.nn.Module) for name in pipe.model_cpu_offload_seq.split("->"))
-    assert pipe._optional_components == ["vae"] and make_pipe(vae=None).components["vae"] is None
+def test_offload_sequence_covers_every_model_component():
+    """`enable_model_cpu_offload` moves only the components named in `model_cpu_offload_seq`: a model component left
+    out would stay wherever it was."""
+    for pipe in (make_pipe(), make_pipe(vae=None)):
+        models = {name for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+        assert models and models <= set(pipe.model_cpu_offload_seq.split("->"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

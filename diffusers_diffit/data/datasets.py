@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from ..utils import derive_seed
+from ..seeding import derive_seed
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
