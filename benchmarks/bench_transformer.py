@@ -143,6 +143,7 @@ def build(resolution: int, device, dtype, batch: int, only_ours: bool = False):
         def setup():
             for processor in model.attn_processors.values():
                 processor._attention_backend = backend
+
         return setup, lambda: model(x, t, y)
 
     backends = ["_native_math"] + (["_native_efficient", "_native_cudnn", "flex"] if device.type == "cuda" else [])
@@ -194,16 +195,22 @@ def bench(resolution, device, dtype, batch, repeats, only_ours=False):
     median = {name: statistics.median(v) for name, v in times.items()}
     ratios = {name: [a / b for a, b in zip(v, times[REFERENCE])] for name, v in times.items()}
     floor = median.get("GEMM floor, F.linear")
-    print(f"\n## DiffiT-XL/2 {resolution} px, batch {batch}, {device.type} {str(dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads, {repeats} rounds")
-    print("| variant | latency (ms, median) | × NVIDIA-like (median of paired ratios) | ratio IQR | "
-          "F.linear GEMM floor / latency | peak memory (MiB) |")
+    print(
+        f"\n## DiffiT-XL/2 {resolution} px, batch {batch}, {device.type} {str(dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads, {repeats} rounds"
+    )
+    print(
+        "| variant | latency (ms, median) | × NVIDIA-like (median of paired ratios) | ratio IQR | "
+        "F.linear GEMM floor / latency | peak memory (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name in variants:
         q1, _, q3 = statistics.quantiles(ratios[name], n=4) if repeats > 1 else (ratios[name][0],) * 3
         share = f"{floor / median[name]:.1%}" if floor else "–"
-        print(f"| {name} | {median[name] * 1e3:.1f} | {statistics.median(ratios[name]):.3f} | {q1:.3f}–{q3:.3f} | "
-              f"{share} | {memory[name] / 2**20:.0f} |")
+        print(
+            f"| {name} | {median[name] * 1e3:.1f} | {statistics.median(ratios[name]):.3f} | {q1:.3f}–{q3:.3f} | "
+            f"{share} | {memory[name] / 2**20:.0f} |"
+        )
     sys.stdout.flush()
 
 
@@ -214,15 +221,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--only", choices=["all", "ours"], default="all",
-                        help="'ours': only the two references and this package's default variants (quicker)")
+    parser.add_argument(
+        "--only",
+        choices=["all", "ours"],
+        default="all",
+        help="'ours': only the two references and this package's default variants (quicker)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float16]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default attention backend "
-          f"{_AttentionBackendRegistry.get_active_backend()[0].value}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, default attention backend "
+        f"{_AttentionBackendRegistry.get_active_backend()[0].value}"
+    )
     for resolution in args.resolutions:
         for dtype in dtypes:
             bench(resolution, device, dtype, args.batch_size, args.repeats, only_ours=args.only == "ours")

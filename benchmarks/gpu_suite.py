@@ -38,12 +38,25 @@ STEPS = 250  # the official recipe
 IMAGES = 50_000  # an FID run
 # stabilityai/sd-vae-ft-ema's architecture (random weights: speed only)
 SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=256,
 )
 TINY_VAE = dict(SD_VAE, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
-TINY = dict(patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-            num_classes=1000)
+TINY = dict(
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_classes=1000,
+)
 
 
 class Suite:
@@ -169,8 +182,13 @@ class Suite:
             nonlocal latents
             t = timesteps[i]
             output = forward(torch.cat([latents, latents]), t.expand(2 * batch), labels)
-            weight = guidance_weight(float(t), recipe["guidance_scale"], recipe["guidance_schedule"],
-                                     recipe.get("guidance_power", 1.0), 1000)
+            weight = guidance_weight(
+                float(t),
+                recipe["guidance_scale"],
+                recipe["guidance_schedule"],
+                recipe.get("guidance_power", 1.0),
+                1000,
+            )
             output = apply_guidance(*output.float().chunk(2), weight, recipe["guided_channels"])
             latents = scheduler.step(output, t, latents.float(), generator=generator).prev_sample.to(dtype)
 
@@ -222,9 +240,15 @@ class Suite:
                         if decode is None:
                             decode = self.vae_decode(resolution, batch, dtype)
                         seconds = STEPS * per_step + decode
-                        self.add(**row, forward_ms=fwd * 1e3, step_ms=per_step * 1e3, images_s=batch / seconds,
-                                 decode_share=decode / seconds, peak_gib=self.peak_gib(),
-                                 gpu_hours=IMAGES / (batch / seconds) / 3600)
+                        self.add(
+                            **row,
+                            forward_ms=fwd * 1e3,
+                            step_ms=per_step * 1e3,
+                            images_s=batch / seconds,
+                            decode_share=decode / seconds,
+                            peak_gib=self.peak_gib(),
+                            gpu_hours=IMAGES / (batch / seconds) / 3600,
+                        )
                 del ours, reference, dit, rows
                 torch._dynamo.reset()
 
@@ -249,8 +273,12 @@ class Suite:
             optimizer.zero_grad(set_to_none=True)
 
         for checkpointing in (False, True):
-            row = dict(resolution=resolution, dtype="bf16 autocast", batch=batch,
-                       variant=f"training step, AdamW{', gradient checkpointing' if checkpointing else ''}")
+            row = dict(
+                resolution=resolution,
+                dtype="bf16 autocast",
+                batch=batch,
+                variant=f"training step, AdamW{', gradient checkpointing' if checkpointing else ''}",
+            )
             model.enable_gradient_checkpointing() if checkpointing else model.disable_gradient_checkpointing()
             self.reset_peak()
             try:
@@ -268,28 +296,56 @@ class Suite:
             if not rows:
                 continue
             best = max(rows, key=lambda r: r["images_s"])
-            print(f"{resolution} px best: {best['variant']}, {best['dtype']}, batch {best['batch']}: "
-                  f"{best['images_s']:.2f} images/s, {best['gpu_hours']:.1f} GPU-hours for {IMAGES:,} images "
-                  f"(NVIDIA's run: 128 GPUs x ~30 min = ~64 GPU-hours)")
+            print(
+                f"{resolution} px best: {best['variant']}, {best['dtype']}, batch {best['batch']}: "
+                f"{best['images_s']:.2f} images/s, {best['gpu_hours']:.1f} GPU-hours for {IMAGES:,} images "
+                f"(NVIDIA's run: 128 GPUs x ~30 min = ~64 GPU-hours)"
+            )
             at32 = {r["variant"]: r for r in rows if r["batch"] == 32 and r["dtype"] == "bf16"}
             eager = at32.get("DiffiT fused, eager (native)")
             fp32 = next((r for r in references if (r["resolution"], r["batch"]) == (resolution, 32)), None)
             fastest = max(at32.values(), key=lambda r: r["images_s"]) if at32 else None
             compiled = [at32[k] for k in ("DiffiT fused, compile", "DiffiT fused, compile + CUDA graphs") if k in at32]
             if fp32 and fastest:
-                print(f"  batch 32 bf16: best DiffiT / fp32 reference = {fastest['images_s'] / fp32['images_s']:.2f}x "
-                      f"(target >= 3x)")
+                print(
+                    f"  batch 32 bf16: best DiffiT / fp32 reference = {fastest['images_s'] / fp32['images_s']:.2f}x "
+                    f"(target >= 3x)"
+                )
             if eager and compiled:
                 best_compiled = max(compiled, key=lambda r: r["images_s"])
-                print(f"  batch 32 bf16: best compile / eager = {best_compiled['images_s'] / eager['images_s']:.2f}x "
-                      f"(target >= 1.3x)")
+                print(
+                    f"  batch 32 bf16: best compile / eager = {best_compiled['images_s'] / eager['images_s']:.2f}x "
+                    f"(target >= 1.3x)"
+                )
 
 
 REFERENCE_DTYPES = {"reference (naive), fp32": "fp32", "reference (naive), bf16 autocast": "bf16 autocast"}
-COLUMNS = ["resolution", "dtype", "batch", "variant", "forward_ms", "step_ms", "images_s", "decode_share",
-           "peak_gib", "gpu_hours", "note"]
-HEADER = ["px", "dtype", "batch", "variant", "forward at 2·batch (ms)", "sampling step (ms)", "images/s (250 steps)",
-          "VAE decode share", "peak memory (GiB)", "GPU-hours / 50k images", "note"]
+COLUMNS = [
+    "resolution",
+    "dtype",
+    "batch",
+    "variant",
+    "forward_ms",
+    "step_ms",
+    "images_s",
+    "decode_share",
+    "peak_gib",
+    "gpu_hours",
+    "note",
+]
+HEADER = [
+    "px",
+    "dtype",
+    "batch",
+    "variant",
+    "forward at 2·batch (ms)",
+    "sampling step (ms)",
+    "images/s (250 steps)",
+    "VAE decode share",
+    "peak memory (GiB)",
+    "GPU-hours / 50k images",
+    "note",
+]
 
 
 def _fmt(value, key: str = "") -> str:
@@ -329,8 +385,10 @@ def main():
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     suite = Suite(args)
     name = torch.cuda.get_device_name() if suite.device.type == "cuda" else "cpu"
-    print(f"torch {torch.__version__}, {name}, {'tiny config' if args.tiny else 'DiffiT-XL/2'}, "
-          f"window {args.window} steps after {args.warmup} (scaled to {STEPS}), budget {args.budget_s:.0f} s\n")
+    print(
+        f"torch {torch.__version__}, {name}, {'tiny config' if args.tiny else 'DiffiT-XL/2'}, "
+        f"window {args.window} steps after {args.warmup} (scaled to {STEPS}), budget {args.budget_s:.0f} s\n"
+    )
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * 3 + "---|" + "---:|" * 6 + "---|")
     suite.sampling_table()

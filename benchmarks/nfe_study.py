@@ -35,7 +35,8 @@ ImageNet-256 the power-cosine ramp to 4.4), `interval` (constant w = `--interval
 level σ lies in (σ_lo, σ_hi] = `--interval-sigmas`, default (0.28, 5.42] as EDM2 in Kynkäänniemi et al.; σ of a
 discrete timestep t is √((1 − ᾱ_t)/ᾱ_t)).
 
-Digits quality: `diffusers_diffit.evaluation.digits.DigitsJudge` (SVM accuracy, Fréchet distance on MLP and PCA-16 features,
+Digits quality: `diffusers_diffit.evaluation.digits.DigitsJudge` (SVM accuracy, Fréchet distance on MLP and PCA-16
+features,
 500 samples per draw, 50 per class, seed s = one draw; every sampler gets the same labels and initial noise per seed).
 """
 
@@ -130,8 +131,12 @@ def sampler_pipeline(base: DiffiTPipeline, name: str) -> DiffiTPipeline:
             scheduler = EDMDPMSolverMultistepScheduler(**edm, solver_order=order, algorithm_type=algorithm)
         else:  # unipc-k through the VP adapter
             scheduler = UniPCMultistepScheduler(
-                use_karras_sigmas=True, sigma_min=edm["sigma_min"], sigma_max=edm["sigma_max"],
-                prediction_type="sample", solver_order=order, final_sigmas_type="zero",
+                use_karras_sigmas=True,
+                sigma_min=edm["sigma_min"],
+                sigma_max=edm["sigma_max"],
+                prediction_type="sample",
+                solver_order=order,
+                final_sigmas_type="zero",
             )
             model = EDMAsVP(model, scheduler, edm["sigma_data"])
     else:
@@ -146,8 +151,10 @@ def sampler_pipeline(base: DiffiTPipeline, name: str) -> DiffiTPipeline:
             )
         else:
             scheduler = UniPCMultistepScheduler.from_config(cfg, solver_order=order)
-    recipe = {k: base.config[k] for k in ("guidance_scale", "guidance_schedule", "guidance_power", "guided_channels",
-                                          "guidance_interval")}
+    recipe = {
+        k: base.config[k]
+        for k in ("guidance_scale", "guidance_schedule", "guidance_power", "guided_channels", "guidance_interval")
+    }
     pipe = DiffiTPipeline(model, scheduler, vae=base.vae, id2label=base.config.id2label, **recipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -187,8 +194,11 @@ def guidance_recipe(pipe: DiffiTPipeline, mode: str, steps: int, interval_sigmas
     t_inside = timesteps[inside]
     scale = pipe.config.guidance_scale if interval_scale is None else interval_scale
     # the pipeline guides calls whose timestep lies in [t_low, t_high]; σ is monotone in t, so these are `inside`
-    kwargs = {"guidance_scale": scale, "guidance_schedule": "constant",
-              "guidance_interval": [float(t_inside.min()), float(t_inside.max())]}
+    kwargs = {
+        "guidance_scale": scale,
+        "guidance_schedule": "constant",
+        "guidance_interval": [float(t_inside.min()), float(t_inside.max())],
+    }
     return kwargs, int(inside.sum())
 
 
@@ -197,8 +207,9 @@ def run(args: argparse.Namespace) -> None:
     base = DiffiTPipeline.from_pretrained(args.model or embedded_model_path("digits"))
     family = model_family(base)
     if family == "discrete" and args.reference is None:
-        raise ValueError("`--reference` (an ADM reference batch .npz) is required for a discrete-time (ImageNet) "
-                         "model.")
+        raise ValueError(
+            "`--reference` (an ADM reference batch .npz) is required for a discrete-time (ImageNet) model."
+        )
     scorer = DigitsScorer(args) if args.reference is None else FIDScorer(args, base)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for name in args.samplers:
@@ -214,9 +225,19 @@ def run(args: argparse.Namespace) -> None:
                 for seed in args.seeds:
                     start = time.time()
                     metrics = scorer(pipe, steps, seed, kwargs)
-                    record = {"model": args.model or "digits", "sampler": name, "steps": steps, "calls": real_calls,
-                              "guidance": label, "guided_calls": guided, "network_evals": real_calls + guided,
-                              "recipe": kwargs, "seed": seed, "seconds": round(time.time() - start, 1), **metrics}
+                    record = {
+                        "model": args.model or "digits",
+                        "sampler": name,
+                        "steps": steps,
+                        "calls": real_calls,
+                        "guidance": label,
+                        "guided_calls": guided,
+                        "network_evals": real_calls + guided,
+                        "recipe": kwargs,
+                        "seed": seed,
+                        "seconds": round(time.time() - start, 1),
+                        **metrics,
+                    }
                     with open(args.results, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     logger.info("%s", record)
@@ -254,8 +275,9 @@ class FIDScorer:
         self.statistics = reference_statistics(args.reference)
         missing = [f for f in ("pool", "spatial") if f not in self.statistics]
         if missing:
-            features = extract_features(load_images(args.reference, "--reference"), self.extractor, args.batch_size,
-                                        args.device)
+            features = extract_features(
+                load_images(args.reference, "--reference"), self.extractor, args.batch_size, args.device
+            )
             self.statistics.update({f: feature_statistics(features[f]) for f in missing})
         assert all(isinstance(s, FeatureStatistics) for s in self.statistics.values())
         self.num_classes = base.transformer.config.num_classes
@@ -268,8 +290,9 @@ class FIDScorer:
         images = []
         for start in range(0, self.args.num_samples, self.args.batch_size):
             batch = labels[start : start + self.args.batch_size].tolist()
-            generators = [torch.Generator(self.args.device).manual_seed(seed * 1_000_003 + start + i)
-                          for i in range(len(batch))]
+            generators = [
+                torch.Generator(self.args.device).manual_seed(seed * 1_000_003 + start + i) for i in range(len(batch))
+            ]
             out = pipe(batch, generator=generators, num_inference_steps=steps, output_type="pt", **kwargs).images
             # the pipeline's uint8 conversion: clamp((x + 1)·127.5, 0, 255) truncated = (x/2 + 0.5)·255 truncated
             images.append((out * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
@@ -292,8 +315,10 @@ def report(args: argparse.Namespace) -> None:
     base_mean = np.mean([r[metric] for r in baseline]) if baseline else None
     base_std = np.std([r[metric] for r in baseline]) if baseline and len(baseline) > 1 else None
     by_seed = {r["seed"]: r[metric] for r in baseline} if baseline else {}
-    print(f"| sampler | guidance | calls | network evals / image | draws | {metric} | accuracy | FD, PCA-16 "
-          f"| Δ{metric} vs baseline, paired |")
+    print(
+        f"| sampler | guidance | calls | network evals / image | draws | {metric} | accuracy | FD, PCA-16 "
+        f"| Δ{metric} vs baseline, paired |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (name, mode, calls), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         values = np.array([r[metric] for r in rs])
@@ -301,10 +326,16 @@ def report(args: argparse.Namespace) -> None:
         acc = np.array([r.get("accuracy", np.nan) for r in rs]) * 100
         pca = np.array([r.get("fd_pca", np.nan) for r in rs])
         paired = [r[metric] - by_seed[r["seed"]] for r in rs if r["seed"] in by_seed]
-        delta = f"{np.mean(paired):+.3f}" + (f" ± {np.std(paired, ddof=1) / math.sqrt(len(paired)):.3f}"
-                                             if len(paired) > 1 else "") if paired else "–"
-        print(f"| {name} | {mode} | {calls} | {rs[0]['network_evals']} | {len(rs)} | {cell} | {acc.mean():.1f} % "
-              f"| {pca.mean():.3f} | {delta} |")
+        delta = (
+            f"{np.mean(paired):+.3f}"
+            + (f" ± {np.std(paired, ddof=1) / math.sqrt(len(paired)):.3f}" if len(paired) > 1 else "")
+            if paired
+            else "–"
+        )
+        print(
+            f"| {name} | {mode} | {calls} | {rs[0]['network_evals']} | {len(rs)} | {cell} | {acc.mean():.1f} % "
+            f"| {pca.mean():.3f} | {delta} |"
+        )
     if base_mean is not None:
         noise = f" ± {base_std:.3f} (std over {len(baseline)} draws)" if base_std is not None else ""
         print(f"\nbaseline {' / '.join(args.baseline)}: {metric} {base_mean:.3f}{noise}")
@@ -330,8 +361,9 @@ def plot(groups: dict, metric: str, path: Path, base_mean, base_std, seed: int) 
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.2), sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for name in names:
-            points = sorted((c, np.mean([r[metric] for r in rs]))
-                            for (n, m, c), rs in groups.items() if n == name and m == mode)
+            points = sorted(
+                (c, np.mean([r[metric] for r in rs])) for (n, m, c), rs in groups.items() if n == name and m == mode
+            )
             if points:
                 ax.plot(*zip(*points), marker="o", color=colours[name], label=name)
         if base_mean is not None:
@@ -367,8 +399,9 @@ def main(argv=None) -> None:
     r.add_argument("--calls", type=int, nargs="+", default=[6, 8, 10, 12])
     r.add_argument("--guidance", nargs="+", choices=GUIDANCE_MODES, default=["full", "interval"])
     r.add_argument("--interval-sigmas", type=float, nargs=2, default=[0.28, 5.42], metavar=("SIGMA_LO", "SIGMA_HI"))
-    r.add_argument("--interval-scale", type=float, default=None,
-                   help="w inside the interval (default: the pipeline's)")
+    r.add_argument(
+        "--interval-scale", type=float, default=None, help="w inside the interval (default: the pipeline's)"
+    )
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--per-class", type=int, default=50)
     r.add_argument("--reference", default=None, help="ADM reference .npz: score FID instead of the digits judge")

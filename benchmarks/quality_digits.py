@@ -33,16 +33,23 @@ from diffusers_diffit.pipelines import RECIPE_KEYS
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--diffit", nargs="+", default=None,
-                        help="DiffiT pipeline folder(s), e.g. one per training seed (default: the shipped model)")
-    parser.add_argument("--unet", nargs="+", default=[],
-                        help="UNet2DModel pipeline folder(s) from train_diffit.py --architecture unet")
+    parser.add_argument(
+        "--diffit",
+        nargs="+",
+        default=None,
+        help="DiffiT pipeline folder(s), e.g. one per training seed (default: the shipped model)",
+    )
+    parser.add_argument(
+        "--unet", nargs="+", default=[], help="UNet2DModel pipeline folder(s) from train_diffit.py --architecture unet"
+    )
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=None, help="override the pipeline's steps for both models")
     parser.add_argument("--guidance-scale", type=float, default=None, help="override for both models")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one 500-image draw per seed")
     parser.add_argument("--num-threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="where the models sample, e.g. cuda (same noise: CPU generator)")
+    parser.add_argument(
+        "--device", default="cpu", help="where the models sample, e.g. cuda (same noise: CPU generator)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.num_threads)
 
@@ -53,8 +60,13 @@ def main():
     unet = [DiffiTPipeline.from_pretrained(path) for path in args.unet]
     # every model samples with the first DiffiT pipeline's scheduler and recipe (overrides from the flags)
     recipe = {k: diffit[0].config[k] for k in RECIPE_KEYS}
-    recipe.update({k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale))
-                   if v is not None})
+    recipe.update(
+        {
+            k: v
+            for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale))
+            if v is not None
+        }
+    )
     for pipe in diffit + unet:
         pipe.scheduler = type(diffit[0].scheduler).from_config(diffit[0].scheduler.config)
     families = [("DiffiTUNet2DModel", diffit_paths, diffit), ("diffusers UNet2DModel", args.unet, unet)]
@@ -93,8 +105,12 @@ def main():
     diffit_runs, unet_runs = per_family
     if len(diffit_runs) == len(unet_runs) > 1:
         cells = []
-        for key, scale, digits, unit in (("accuracy", 100, 2, " pt"), ("fd_mlp", 1, 3, ""), ("fd_pca", 1, 3, ""),
-                                         ("nn", 1, 3, "")):
+        for key, scale, digits, unit in (
+            ("accuracy", 100, 2, " pt"),
+            ("fd_mlp", 1, 3, ""),
+            ("fd_pca", 1, 3, ""),
+            ("nn", 1, 3, ""),
+        ):
             mean, se = paired_difference([scale * t[key] for t in diffit_runs], [scale * t[key] for t in unet_runs])
             t_stat = mean / se if se else float("nan")
             cells.append(f"{key} {mean:+.{digits}f} ± {se:.{digits}f}{unit} (t = {t_stat:+.1f})")

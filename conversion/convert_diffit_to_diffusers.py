@@ -47,28 +47,52 @@ REPORTED = {  # FID, sFID, IS, precision, recall
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_path", required=True, help="official checkpoint (.safetensors/.pt) or owner/repo/file")
+    parser.add_argument(
+        "--checkpoint_path", required=True, help="official checkpoint (.safetensors/.pt) or owner/repo/file"
+    )
     parser.add_argument("--output_path", required=True, help="folder to write the pipeline to")
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL: Hub id or local folder")
-    parser.add_argument("--image_size", type=int, choices=sorted(OFFICIAL_RECIPES), default=None,
-                        help="resolution whose official recipe becomes the default (inferred from the checkpoint)")
-    parser.add_argument("--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32",
-                        help="dtype of the saved weights")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        choices=sorted(OFFICIAL_RECIPES),
+        default=None,
+        help="resolution whose official recipe becomes the default (inferred from the checkpoint)",
+    )
+    parser.add_argument(
+        "--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights"
+    )
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="upload the folder to this model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--dry_run", action="store_true", help="with --push_to_hub: list the upload, send nothing")
     code = parser.add_mutually_exclusive_group()
-    code.add_argument("--remote_code", dest="remote_code", action="store_true",
-                      help="also write the DiffiT code, so that plain diffusers loads the folder with "
-                      "trust_remote_code=True")
-    code.add_argument("--no_remote_code", dest="remote_code", action="store_false",
-                      help="(default) no code in the folder: loading it needs the diffusers-diffit package")
-    parser.add_argument("--sample_grid", action="store_true",
-                        help=f"render {SAMPLE_GRID} with the converted pipeline and show it in the model card")
-    parser.add_argument("--sample_labels", nargs="+", default=SAMPLE_LABELS, metavar="LABEL",
-                        help="with --sample_grid: class ids or names, one column each (default: 8 ImageNet classes)")
-    parser.add_argument("--sample_steps", type=int, default=None,
-                        help="with --sample_grid: sampling steps (default: the recipe's)")
+    code.add_argument(
+        "--remote_code",
+        dest="remote_code",
+        action="store_true",
+        help="also write the DiffiT code, so that plain diffusers loads the folder with trust_remote_code=True",
+    )
+    code.add_argument(
+        "--no_remote_code",
+        dest="remote_code",
+        action="store_false",
+        help="(default) no code in the folder: loading it needs the diffusers-diffit package",
+    )
+    parser.add_argument(
+        "--sample_grid",
+        action="store_true",
+        help=f"render {SAMPLE_GRID} with the converted pipeline and show it in the model card",
+    )
+    parser.add_argument(
+        "--sample_labels",
+        nargs="+",
+        default=SAMPLE_LABELS,
+        metavar="LABEL",
+        help="with --sample_grid: class ids or names, one column each (default: 8 ImageNet classes)",
+    )
+    parser.add_argument(
+        "--sample_steps", type=int, default=None, help="with --sample_grid: sampling steps (default: the recipe's)"
+    )
     args = parser.parse_args(argv)
     if (args.private or args.dry_run) and args.push_to_hub is None:
         parser.error("--private and --dry_run need --push_to_hub REPO_ID")
@@ -111,7 +135,12 @@ and `trust_remote_code` is not needed (the code in this repo is then not run):
 
 
 def model_description(
-    pipe: DiffiTPipeline, image_size: int, repo_id: str, vae: str, dtype: str, remote_code: bool = False,
+    pipe: DiffiTPipeline,
+    image_size: int,
+    repo_id: str,
+    vae: str,
+    dtype: str,
+    remote_code: bool = False,
     sample_grid: str | None = None,
 ) -> str:
     """The card text: what this is, how to use it, the recipe, NVIDIA's numbers, licence and citation."""
@@ -148,9 +177,9 @@ image = pipe("golden retriever", num_inference_steps=25).images[0]
 
 ## Sampling recipe (the pipeline's defaults)
 
-- Ancestral DDPM, 1000 linear betas 1e-4 → 0.02 respaced to {recipe['num_inference_steps']} steps, learned-range
+- Ancestral DDPM, 1000 linear betas 1e-4 → 0.02 respaced to {recipe["num_inference_steps"]} steps, learned-range
   variance, no clipping.
-- Classifier-free guidance on the first {recipe['guided_channels']} of the 4 latent channels, {guidance}.
+- Classifier-free guidance on the first {recipe["guided_channels"]} of the 4 latent channels, {guidance}.
 - Latents decoded with `vae.decode(z / {pipe.vae.config.scaling_factor})`.
 
 ## Reported results (NVIDIA, ImageNet {image_size}, FID-50K with the recipe above)
@@ -181,12 +210,18 @@ def check_written_pipeline(output_path: str, pipe: DiffiTPipeline) -> DiffiTPipe
     expected, written = pipe.transformer.state_dict(), reloaded.transformer.state_dict()
     bad = sorted(k for k in expected if k not in written or not torch.equal(expected[k], written[k]))
     if bad or set(written) != set(expected):
-        raise RuntimeError(f"The written transformer differs from the checkpoint: {bad or set(written) ^ set(expected)}")
+        raise RuntimeError(
+            f"The written transformer differs from the checkpoint: {bad or set(written) ^ set(expected)}"
+        )
     cfg = pipe.transformer.config
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator).to(pipe.transformer.dtype)
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator).to(
+        pipe.transformer.dtype
+    )
     t, y = torch.tensor([999, 0]), torch.tensor([0, cfg.num_classes])
-    if not torch.equal(pipe.transformer(x, t, y, return_dict=False)[0], reloaded.transformer(x, t, y, return_dict=False)[0]):
+    if not torch.equal(
+        pipe.transformer(x, t, y, return_dict=False)[0], reloaded.transformer(x, t, y, return_dict=False)[0]
+    ):
         raise RuntimeError("The written transformer's output differs from the checkpoint's.")
     for key in ("id2label", *RECIPE_KEYS):
         if reloaded.config[key] != pipe.config[key]:
@@ -212,16 +247,18 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = DTYPES[args.dtype]
 
-    pipe = DiffiTPipeline.from_single_file(args.checkpoint_path, vae=args.vae, image_size=args.image_size,
-                                           torch_dtype=dtype)
+    pipe = DiffiTPipeline.from_single_file(
+        args.checkpoint_path, vae=args.vae, image_size=args.image_size, torch_dtype=dtype
+    )
     image_size = args.image_size or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     pipe.save_pretrained(args.output_path, remote_code=args.remote_code)
     reloaded = check_written_pipeline(args.output_path, pipe)
     logger.info("Wrote and verified %s", args.output_path)
     caption = None
     if args.sample_grid:
-        caption = render_sample_grid(reloaded, Path(args.output_path) / SAMPLE_GRID, args.sample_labels,
-                                     args.sample_steps)
+        caption = render_sample_grid(
+            reloaded, Path(args.output_path) / SAMPLE_GRID, args.sample_labels, args.sample_steps
+        )
         logger.info("Wrote %s", Path(args.output_path) / SAMPLE_GRID)
 
     upload = args.push_to_hub is not None and not args.dry_run

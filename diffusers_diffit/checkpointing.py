@@ -29,7 +29,9 @@ def register_diffusers_hooks(accelerator, ema: EMAModel | None = None, ema_devic
         target = accelerator.unwrap_model(models.pop())
         target.load_state_dict(type(target).from_pretrained(checkpoint_dir, subfolder="model").state_dict())
         if ema is not None:
-            ema.load_state_dict(EMAModel.from_pretrained(os.path.join(checkpoint_dir, "model_ema"), type(target)).state_dict())
+            ema.load_state_dict(
+                EMAModel.from_pretrained(os.path.join(checkpoint_dir, "model_ema"), type(target)).state_dict()
+            )
             ema.to(ema_device or accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -94,7 +96,7 @@ class CheckpointManager:
         return found[-1][1] if found else None
 
     def resolve(self, resume_from_checkpoint: str) -> Path | None:
-        """"latest" -> the newest complete checkpoint (None when there is none yet); a path -> that checkpoint,
+        """ "latest" -> the newest complete checkpoint (None when there is none yet); a path -> that checkpoint,
         which must be complete."""
         if resume_from_checkpoint == "latest":
             return self.latest()

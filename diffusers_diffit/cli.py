@@ -37,8 +37,15 @@ MAX_IMAGES = 1024  # one batch: beyond this a grid is unreadable and memory runs
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MAX_UPSCALE = 64
 DEBUG_HELP = "show Python tracebacks on errors"
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                  ".tiff": "TIFF"}
+OUTPUT_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 class UsageError(Exception):
@@ -89,8 +96,9 @@ def parse_guidance_interval(tokens: list[str] | None) -> list[float] | str | Non
     except ValueError:
         values = []
     if len(values) != 2 or not all(map(is_finite_number, values)) or values[0] > values[1]:
-        raise UsageError("--guidance-interval", f"invalid value {' '.join(tokens)!r}: give LOW HIGH (finite, "
-                                                "LOW <= HIGH) or 'all'")
+        raise UsageError(
+            "--guidance-interval", f"invalid value {' '.join(tokens)!r}: give LOW HIGH (finite, LOW <= HIGH) or 'all'"
+        )
     return values
 
 
@@ -140,33 +148,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sample = commands.add_parser(
-        "sample", help="sample a grid of images, one row per label",
+        "sample",
+        help="sample a grid of images, one row per label",
         description="Sample a grid of images from a DiffiT pipeline, one row per label.",
     )
-    sample.add_argument("--model", default=None,
-                        help="local pipeline folder or Hub id (default: the digits model shipped in the package)")
-    sample.add_argument("--labels", nargs="+", default=None,
-                        help="class ids or names (quote names with spaces); omit for unconditional samples")
-    sample.add_argument("--num-images-per-label", type=integer(1, MAX_IMAGES), default=8, metavar="N",
-                        help=f"images per label (at most {MAX_IMAGES} images in all)")
+    sample.add_argument(
+        "--model",
+        default=None,
+        help="local pipeline folder or Hub id (default: the digits model shipped in the package)",
+    )
+    sample.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        help="class ids or names (quote names with spaces); omit for unconditional samples",
+    )
+    sample.add_argument(
+        "--num-images-per-label",
+        type=integer(1, MAX_IMAGES),
+        default=8,
+        metavar="N",
+        help=f"images per label (at most {MAX_IMAGES} images in all)",
+    )
     sample.add_argument("--steps", type=integer(1), default=None, help="scheduler steps (default: the pipeline's)")
-    sample.add_argument("--guidance-scale", type=guidance_scale, default=None,
-                        help="classifier-free guidance w >= 1, 1 = none (default: the pipeline's)")
-    sample.add_argument("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES), default=None, metavar="NAME",
-                        help="the guidance weight w(t) at each step (default: the pipeline's): "
-                        + describe_guidance_schedules())
-    sample.add_argument("--guidance-interval", nargs="+", default=None, metavar="T",
-                        help="guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units), or 'all' "
-                        "for every step (default: the pipeline's)")
-    sample.add_argument("--scheduler", choices=list(PRESETS), default=None, metavar="NAME",
-                        help="replace the pipeline's scheduler by a preset that can drive its model: "
-                        + ", ".join(f"{kind}: {' '.join(scheduler_presets(kind))}" for kind in ("edm", "ddpm")))
+    sample.add_argument(
+        "--guidance-scale",
+        type=guidance_scale,
+        default=None,
+        help="classifier-free guidance w >= 1, 1 = none (default: the pipeline's)",
+    )
+    sample.add_argument(
+        "--guidance-schedule",
+        choices=list(GUIDANCE_SCHEDULES),
+        default=None,
+        metavar="NAME",
+        help="the guidance weight w(t) at each step (default: the pipeline's): " + describe_guidance_schedules(),
+    )
+    sample.add_argument(
+        "--guidance-interval",
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units), or 'all' "
+        "for every step (default: the pipeline's)",
+    )
+    sample.add_argument(
+        "--scheduler",
+        choices=list(PRESETS),
+        default=None,
+        metavar="NAME",
+        help="replace the pipeline's scheduler by a preset that can drive its model: "
+        + ", ".join(f"{kind}: {' '.join(scheduler_presets(kind))}" for kind in ("edm", "ddpm")),
+    )
     sample.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     sample.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
-    sample.add_argument("--upscale", type=integer(1, MAX_UPSCALE), default=None,
-                        help="nearest-neighbour zoom of each image (default: enough to make it at least 64 px)")
-    sample.add_argument("--output", type=output_path, default=Path("grid.png"),
-                        help=f"image file to write ({', '.join(sorted(OUTPUT_FORMATS))}; default grid.png)")
+    sample.add_argument(
+        "--upscale",
+        type=integer(1, MAX_UPSCALE),
+        default=None,
+        help="nearest-neighbour zoom of each image (default: enough to make it at least 64 px)",
+    )
+    sample.add_argument(
+        "--output",
+        type=output_path,
+        default=Path("grid.png"),
+        help=f"image file to write ({', '.join(sorted(OUTPUT_FORMATS))}; default grid.png)",
+    )
     sample.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sample.set_defaults(run=sample_command)
     evaluate = add_evaluate_parser(commands)
@@ -212,8 +259,9 @@ def resolve_model(model: str | None) -> str:
         return download_pipeline(model)
     except Exception as error:  # offline, unknown repo, no access: one line saying which
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError("--model", f"{model!r} is neither a local folder nor a Hub repo that could be fetched "
-                                    f"({reason})") from error
+        raise UsageError(
+            "--model", f"{model!r} is neither a local folder nor a Hub repo that could be fetched ({reason})"
+        ) from error
 
 
 def read_model_info(folder: str) -> ModelInfo:
@@ -251,8 +299,10 @@ def check_labels(labels: list[int | str] | None, info: ModelInfo) -> list[int] |
             ids.append(label)
             continue
         if not info.id2label:
-            raise UsageError("--labels", f"invalid label {label!r}: this model has no class names; use class ids "
-                                         f"0 to {info.num_classes - 1}")
+            raise UsageError(
+                "--labels",
+                f"invalid label {label!r}: this model has no class names; use class ids 0 to {info.num_classes - 1}",
+            )
         try:
             ids.extend(lookup_label_ids(label, info.id2label))
         except ValueError as error:
@@ -272,19 +322,29 @@ def check_sample_args(args: argparse.Namespace) -> ModelInfo:
     if total > MAX_IMAGES:
         raise UsageError("--num-images-per-label", f"{total} images asked for; at most {MAX_IMAGES} per run")
     if args.scheduler is not None and args.scheduler not in scheduler_presets(info.denoiser_type):
-        raise UsageError("--scheduler", f"{args.scheduler!r} cannot drive this {info.denoiser_type!r} model; "
-                                        f"choose from {', '.join(scheduler_presets(info.denoiser_type))}")
+        raise UsageError(
+            "--scheduler",
+            f"{args.scheduler!r} cannot drive this {info.denoiser_type!r} model; "
+            f"choose from {', '.join(scheduler_presets(info.denoiser_type))}",
+        )
     if args.guidance_scale not in (None, 1.0) and info.num_classes == 0:
-        raise UsageError("--guidance-scale", f"{args.guidance_scale} needs a class-conditional model; this one "
-                                             "is unconditional (use 1 or omit it)")
+        raise UsageError(
+            "--guidance-scale",
+            f"{args.guidance_scale} needs a class-conditional model; this one is unconditional (use 1 or omit it)",
+        )
     discrete_time = info.num_train_timesteps is not None  # the model's scheduler and its presets are of one kind
     if args.guidance_schedule is not None and args.guidance_schedule not in usable_guidance_schedules(discrete_time):
-        raise UsageError("--guidance-schedule", f"{args.guidance_schedule!r} needs a discrete-time scheduler, and "
-                                                f"this {info.denoiser_type!r} model samples in EDM σ-space; choose "
-                                                f"from {', '.join(usable_guidance_schedules(discrete_time))}")
+        raise UsageError(
+            "--guidance-schedule",
+            f"{args.guidance_schedule!r} needs a discrete-time scheduler, and "
+            f"this {info.denoiser_type!r} model samples in EDM σ-space; choose "
+            f"from {', '.join(usable_guidance_schedules(discrete_time))}",
+        )
     if args.steps is not None and info.num_train_timesteps is not None and args.steps > info.num_train_timesteps:
-        raise UsageError("--steps", f"invalid value {args.steps}: this model's scheduler takes at most "
-                                    f"{info.num_train_timesteps} steps")
+        raise UsageError(
+            "--steps",
+            f"invalid value {args.steps}: this model's scheduler takes at most {info.num_train_timesteps} steps",
+        )
     return info
 
 

@@ -29,7 +29,9 @@ def normalize_id2label(id2label: Mapping, num_classes: int | None = None) -> dic
         raise ValueError(f"`id2label` must be a mapping of class id -> names, got {type(id2label).__name__}.")
     normalized = {}
     for key, names in id2label.items():
-        if isinstance(key, bool) or not ((isinstance(key, int) and key >= 0) or (isinstance(key, str) and key.isdigit())):
+        if isinstance(key, bool) or not (
+            (isinstance(key, int) and key >= 0) or (isinstance(key, str) and key.isdigit())
+        ):
             raise ValueError(f"`id2label` keys must be class ids (int >= 0 or digit string), got {key!r}.")
         class_id = int(key)
         if num_classes is not None and not 0 <= class_id < num_classes:
@@ -87,7 +89,6 @@ def lookup_label_ids(labels: str | Sequence[str], id2label: Mapping[int, list[st
         close = difflib.get_close_matches(label.strip().lower(), index, n=5, cutoff=0.6)
         hint = ", ".join(f"{spelling[name]!r} ({', '.join(map(str, sorted(index[name])))})" for name in close)
         raise ValueError(
-            f"Unknown class label {label!r}. "
-            + (f"Closest matches: {hint}." if hint else "No close match.")
+            f"Unknown class label {label!r}. " + (f"Closest matches: {hint}." if hint else "No close match.")
         )
     return ids

@@ -31,7 +31,10 @@ _RENAMES = [
     (r"^t_embedder\.mlp\.2\.", "condition_embed.timestep_embedder.linear_2."),
     (r"^y_embedder\.embedding_table\.", "condition_embed.class_embedder."),
     (r"^blocks\.(\d+)\.attn\.proj\.", r"transformer_blocks.\1.attn.to_out."),
-    (r"^blocks\.(\d+)\.attn\.relative_position_bias_table$", r"transformer_blocks.\1.attn.relative_position_bias_table"),
+    (
+        r"^blocks\.(\d+)\.attn\.relative_position_bias_table$",
+        r"transformer_blocks.\1.attn.relative_position_bias_table",
+    ),
     (r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer_blocks.\1.ff.net.0.proj."),
     (r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer_blocks.\1.ff.net.2."),
     (r"^final_layer\.linear\.", "proj_out."),
@@ -46,7 +49,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         parts = str(path).split("/")
         if len(parts) < 3 or str(path).startswith((".", "/")):
-            raise FileNotFoundError(f"No checkpoint file at {str(path)!r} (give a local file or 'owner/repo/filename').")
+            raise FileNotFoundError(
+                f"No checkpoint file at {str(path)!r} (give a local file or 'owner/repo/filename')."
+            )
         from huggingface_hub import hf_hub_download
 
         path = Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
@@ -79,11 +84,19 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
             "This is a DiT checkpoint (it has adaLN_modulation layers), not DiffiT: load it with diffusers' "
             "DiTTransformer2DModel / DiTPipeline instead."
         )
-    required = ["x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight", "blocks.0.attn.qkv.weight",
-                "blocks.0.attn.relative_position_bias_table", "blocks.0.mlp.fc1.weight"]
+    required = [
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "final_layer.linear.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.relative_position_bias_table",
+        "blocks.0.mlp.fc1.weight",
+    ]
     missing = [k for k in required if k not in state_dict]
     if missing:
-        raise ValueError(f"Not an official DiffiT checkpoint: missing {missing} (found e.g. {sorted(state_dict)[:5]}).")
+        raise ValueError(
+            f"Not an official DiffiT checkpoint: missing {missing} (found e.g. {sorted(state_dict)[:5]})."
+        )
 
     dim, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape
     table_rows, heads = state_dict["blocks.0.attn.relative_position_bias_table"].shape
@@ -119,7 +132,9 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: dict) -> dic
             expected = get_2d_sincos_pos_embed(dim, grid, base_size=grid).float()[None]  # as the model builds it
             rounded = expected.to(tensor.dtype).float()  # as a half-precision checkpoint holds it
             if tensor.shape != expected.shape or not torch.allclose(tensor.cpu().float(), rounded, atol=1e-4):
-                problems.append(f"pos_embed {tuple(tensor.shape)} is not the fixed sin-cos table of a {grid}x{grid} grid")
+                problems.append(
+                    f"pos_embed {tuple(tensor.shape)} is not the fixed sin-cos table of a {grid}x{grid} grid"
+                )
             continue
         if key.endswith("attn.relative_position_index"):
             if not torch.equal(tensor.long().cpu(), derived["relative_position_index"]):

@@ -57,6 +57,7 @@ def edm_loss(
     denoised = edm_denoise(model, noisy, sigma, class_labels, sigma_data)
     return (edm_loss_weight(sigma, sigma_data).view(-1, 1, 1, 1) * (denoised - clean) ** 2).mean()
 
+
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
@@ -110,7 +111,9 @@ class HybridDiffusionLoss:
         self.sqrt_recip_alphas_cumprod = torch.rsqrt(alphas_cumprod).float()
         self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / alphas_cumprod - 1.0).float()
         self.posterior_mean_coef1 = (betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)).float()
-        self.posterior_mean_coef2 = ((1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)).float()
+        self.posterior_mean_coef2 = (
+            (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
+        ).float()
         self.posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])).float()
         self.log_betas = torch.log(betas).float()
 
@@ -119,9 +122,10 @@ class HybridDiffusionLoss:
 
     def posterior_mean(self, x_start: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Mean of q(x_{t−1} | x_t, x_0)."""
-        return self._gather(self.posterior_mean_coef1, timesteps) * x_start + self._gather(
-            self.posterior_mean_coef2, timesteps
-        ) * x_t
+        return (
+            self._gather(self.posterior_mean_coef1, timesteps) * x_start
+            + self._gather(self.posterior_mean_coef2, timesteps) * x_t
+        )
 
     def model_log_variance(self, v: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         frac = (v + 1) / 2
@@ -133,9 +137,10 @@ class HybridDiffusionLoss:
         self, eps: torch.Tensor, v: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """L_vlb per sample [B] in bits/dim (unweighted) for predicted ε (used as given) and variance channels v."""
-        pred_x_start = self._gather(self.sqrt_recip_alphas_cumprod, timesteps) * x_t - self._gather(
-            self.sqrt_recipm1_alphas_cumprod, timesteps
-        ) * eps
+        pred_x_start = (
+            self._gather(self.sqrt_recip_alphas_cumprod, timesteps) * x_t
+            - self._gather(self.sqrt_recipm1_alphas_cumprod, timesteps) * eps
+        )
         model_mean = self.posterior_mean(pred_x_start, x_t, timesteps)
         model_log_variance = self.model_log_variance(v, timesteps)
         true_mean = self.posterior_mean(x_start, x_t, timesteps)
@@ -173,7 +178,6 @@ class HybridDiffusionLoss:
         return {"loss": mse + self.vlb_weight * vlb, "mse": mse, "vlb": vlb}
 
 
-
 class EDMObjective:
     name, denoiser_type = "edm", "edm"
 
@@ -202,7 +206,10 @@ class DDPMHybridObjective:
     def __call__(self, model: nn.Module, clean: torch.Tensor, class_labels, generator) -> tuple[torch.Tensor, dict]:
         noise = torch.randn(clean.shape, generator=generator, device=clean.device)
         timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator,
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (clean.shape[0],),
+            generator=generator,
             device=clean.device,
         )
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)

@@ -340,7 +340,9 @@ def _read_generated_module(location, module_file: str, subfolder: str | None, hu
         keys = ("cache_dir", "revision", "token", "local_files_only", "force_download")
         try:
             path = hf_hub_download(
-                os.fspath(location), module_file, subfolder=subfolder,
+                os.fspath(location),
+                module_file,
+                subfolder=subfolder,
                 **{k: hub_kwargs[k] for k in keys if hub_kwargs.get(k) is not None},
             )
         except (OSError, ValueError):  # not a repo, no such file, offline: diffusers' own loader reports it
@@ -354,8 +356,9 @@ def _prefer_installed_classes(load_from_file):
     package's class (the file is only read, never run); any other file goes to diffusers."""
 
     @functools.wraps(load_from_file)
-    def get_class_from_dynamic_module(pretrained_model_name_or_path, module_file, subfolder=None, class_name=None,
-                                      **kwargs):
+    def get_class_from_dynamic_module(
+        pretrained_model_name_or_path, module_file, subfolder=None, class_name=None, **kwargs
+    ):
         module = None
         if class_name is not None:
             module = _read_generated_module(pretrained_model_name_or_path, module_file, subfolder, kwargs)
@@ -387,9 +390,13 @@ def install_diffusers_hooks(pipeline_classes, component_classes=()) -> None:
 
     for cls in pipeline_classes:
         setattr(diffusers, cls.__name__, cls)
-    for cls in component_classes:  # {module path: {base class: [save method, load method]}}, as diffusers lists its own
+    for (
+        cls
+    ) in component_classes:  # {module path: {base class: [save method, load method]}}, as diffusers lists its own
         base = "ModelMixin" if issubclass(cls, diffusers.ModelMixin) else "SchedulerMixin"
-        pipeline_loading_utils.LOADABLE_CLASSES.setdefault(cls.__module__, {base: ["save_pretrained", "from_pretrained"]})
+        pipeline_loading_utils.LOADABLE_CLASSES.setdefault(
+            cls.__module__, {base: ["save_pretrained", "from_pretrained"]}
+        )
     for module in (pipeline_loading_utils, auto_model):
         loader = module.get_class_from_dynamic_module
         if not getattr(loader, "prefers_diffusers_diffit", False):

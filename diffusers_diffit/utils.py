@@ -20,7 +20,8 @@ def check_timestep(timestep: torch.Tensor | float | int, batch: int, device: tor
         return timestep.reshape(1).expand(batch)
     if timestep.shape != (batch,):
         raise ValueError(
-            f"`timestep` must be a number or have shape ({batch},) to match the batch, got shape {tuple(timestep.shape)}."
+            f"`timestep` must be a number or have shape ({batch},) to match the batch, "
+            f"got shape {tuple(timestep.shape)}."
         )
     return timestep
 
@@ -47,7 +48,8 @@ def check_class_labels(
         low, high = int(class_labels.min()), int(class_labels.max())
         if low < 0 or high > num_classes:
             raise ValueError(
-                f"`class_labels` must lie in [0, {num_classes}] ({num_classes} = null class), got values in [{low}, {high}]."
+                f"`class_labels` must lie in [0, {num_classes}] ({num_classes} = null class), "
+                f"got values in [{low}, {high}]."
             )
     return class_labels
 
@@ -66,7 +68,6 @@ def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) ->
 def is_finite_number(value) -> bool:
     """A real number (int, float, numpy scalar; not a bool) that is neither NaN nor infinite."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
 
 
 def dtype_name(text: str) -> str:

@@ -49,8 +49,13 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--shard_size", type=int, default=4096, help="Images per shard file.")
-    parser.add_argument("--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32",
-                        help="Storage dtype of the moments (float32/float16/bfloat16 are accepted too).")
+    parser.add_argument(
+        "--dtype",
+        type=dtype_name,
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="Storage dtype of the moments (float32/float16/bfloat16 are accepted too).",
+    )
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     args = parser.parse_args(argv)
@@ -70,8 +75,13 @@ def main(argv=None):
         dataset = ImageDataset.from_folder(args.train_data_dir, args.resolution, center_crop=True)
     else:
         dataset = ImageDataset.from_hub(
-            args.dataset_name, args.resolution, split=args.dataset_split, image_column=args.image_column,
-            label_column=args.label_column, config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+            args.dataset_name,
+            args.resolution,
+            split=args.dataset_split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            config_name=args.dataset_config_name,
+            cache_dir=args.cache_dir,
             center_crop=True,
         )
     vae = load_vae(args.vae).to(accelerator.device).eval().requires_grad_(False)
@@ -113,7 +123,8 @@ def main(argv=None):
             continue
         indices = range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
         loader = DataLoader(
-            torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
+            torch.utils.data.Subset(dataset, indices),
+            batch_size=args.batch_size,
             num_workers=args.dataloader_num_workers,
         )
         tensors = {"moments": [], "moments_flipped": [], "labels": []}

@@ -44,16 +44,22 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--batch_size", type=int, default=32, help="Images per forward, per process.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32",
-                   help="Weights and activations dtype.")
+    p.add_argument(
+        "--dtype", type=dtype_name, choices=sorted(DTYPES), default="fp32", help="Weights and activations dtype."
+    )
     # the sampling recipe (RECIPE_KEYS): each flag left out keeps the pipeline's saved value
     p.add_argument("--num_inference_steps", type=int)
     p.add_argument("--guidance_scale", type=float)
     p.add_argument("--guidance_schedule", choices=list(GUIDANCE_SCHEDULES), help=describe_guidance_schedules())
     p.add_argument("--guidance_power", type=float)
     p.add_argument("--guided_channels", type=int)
-    p.add_argument("--guidance_interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="Guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units).")
+    p.add_argument(
+        "--guidance_interval",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="Guide only at steps with LOW <= t <= HIGH (in the scheduler's timestep units).",
+    )
     p.add_argument("--no_npz", action="store_true", help="Only write the PNG files.")
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size"):
@@ -90,8 +96,9 @@ def main(argv=None):
 
     todo = [i for i in range(state.process_index, args.num_samples, state.num_processes) if not path_of(i).is_file()]
     batches = [todo[k : k + args.batch_size] for k in range(0, len(todo), args.batch_size)]
-    logger.info(f"{args.num_samples} samples, {len(todo)} left on process {state.process_index}",
-                main_process_only=False)
+    logger.info(
+        f"{args.num_samples} samples, {len(todo)} left on process {state.process_index}", main_process_only=False
+    )
     for batch in tqdm(batches, desc="batches", disable=not state.is_local_main_process):
         generators = [torch.Generator(state.device).manual_seed(derive_seed(args.seed, 1, i)) for i in batch]
         images = pipe(

@@ -63,7 +63,8 @@ from diffusers_diffit.utils import vae_scale_factor
 
 logger = get_logger(__name__)
 MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel, UNet2DModel)}
-# Named configs: {architecture: config with its `_class_name`}; "unet" is diffusers' UNet2DModel of about the same size.
+# Named configs: {architecture: config with its `_class_name`}; "unet" is diffusers' UNet2DModel of about the same
+# size.
 NAMED_CONFIGS = {
     **{name: {"diffit": {"_class_name": "DiffiTTransformer2DModel", **c}} for name, c in DIFFIT_CONFIGS.items()},
     **{name: {"diffit": {"_class_name": "DiffiTUNet2DModel", **c}} for name, c in DIFFIT_UNET_CONFIGS.items()},
@@ -73,30 +74,53 @@ DEFAULT_OBJECTIVE = {"DiffiTTransformer2DModel": "ddpm-hybrid", "DiffiTUNet2DMod
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                fromfile_prefix_chars="@")  # `@file`: more flags, one per line (examples/digits.args)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, fromfile_prefix_chars="@"
+    )  # `@file`: more flags, one per line (examples/digits.args)
     model = p.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", help="A DiffiT pipeline folder or Hub id to fine-tune.")
     model.add_argument(
         "--model_config_name_or_path",
         help=f"Train from scratch: a config.json, a model folder, or one of {sorted(NAMED_CONFIGS)}.",
     )
-    model.add_argument("--architecture", choices=["diffit", "unet"], default="diffit",
-                       help="unet: diffusers' UNet2DModel of about the same size as the named DiffiT config, the "
-                            "baseline of the digits benchmark (named configs with a U-Net: "
-                            f"{sorted(k for k, v in NAMED_CONFIGS.items() if 'unet' in v)}).")
-    model.add_argument("--config_overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                       help="Replace entries of the config (from scratch), VALUE as JSON: window_size=8 "
-                            "block_out_channels=[48,64,64].")
-    model.add_argument("--vae", help="AutoencoderKL folder / Hub id (or a pipeline with a `vae`) for latent training "
-                       "from scratch; default: the pretrained pipeline's VAE, or the one --latents_dir was made with.")
-    model.add_argument("--num_classes", type=int, help="Classes of the trained model (0 = unconditional); "
-                       "default: the dataset's class count. Fine-tuning re-shapes the label table (see README).")
-    model.add_argument("--objective", choices=sorted(OBJECTIVES),
-                       help="What a step minimises; default: the pretrained pipeline's kind of denoiser, or "
-                            f"{DEFAULT_OBJECTIVE} by model class.")
-    model.add_argument("--recipe_from", help="A pipeline folder whose scheduler and sampling defaults the written "
-                       "pipeline takes; default: the pretrained pipeline's, or the objective's default.")
+    model.add_argument(
+        "--architecture",
+        choices=["diffit", "unet"],
+        default="diffit",
+        help="unet: diffusers' UNet2DModel of about the same size as the named DiffiT config, the "
+        "baseline of the digits benchmark (named configs with a U-Net: "
+        f"{sorted(k for k, v in NAMED_CONFIGS.items() if 'unet' in v)}).",
+    )
+    model.add_argument(
+        "--config_overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Replace entries of the config (from scratch), VALUE as JSON: window_size=8 "
+        "block_out_channels=[48,64,64].",
+    )
+    model.add_argument(
+        "--vae",
+        help="AutoencoderKL folder / Hub id (or a pipeline with a `vae`) for latent training "
+        "from scratch; default: the pretrained pipeline's VAE, or the one --latents_dir was made with.",
+    )
+    model.add_argument(
+        "--num_classes",
+        type=int,
+        help="Classes of the trained model (0 = unconditional); "
+        "default: the dataset's class count. Fine-tuning re-shapes the label table (see README).",
+    )
+    model.add_argument(
+        "--objective",
+        choices=sorted(OBJECTIVES),
+        help="What a step minimises; default: the pretrained pipeline's kind of denoiser, or "
+        f"{DEFAULT_OBJECTIVE} by model class.",
+    )
+    model.add_argument(
+        "--recipe_from",
+        help="A pipeline folder whose scheduler and sampling defaults the written "
+        "pipeline takes; default: the pretrained pipeline's, or the objective's default.",
+    )
     data = p.add_argument_group("data")
     data.add_argument("--train_data_dir", help="ImageFolder: one sub-folder per class, sorted names -> label ids.")
     data.add_argument("--dataset_name", help="A 🤗 datasets name (optional dependency `datasets`).")
@@ -117,13 +141,19 @@ def parse_args(argv=None):
     train.add_argument("--max_train_steps", type=int, help="Optimizer steps; overrides --num_epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--label_dropout", type=float, default=0.1,
-                       help="Probability of training a label as the null class (classifier-free guidance).")
+    train.add_argument(
+        "--label_dropout",
+        type=float,
+        default=0.1,
+        help="Probability of training a label as the null class (classifier-free guidance).",
+    )
     train.add_argument("--learning_rate", type=float, default=1e-4)
     train.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch · accumulation · processes.")
-    train.add_argument("--lr_scheduler", default="constant",
-                       help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                            '"constant_with_warmup"')
+    train.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"',
+    )
     train.add_argument("--lr_warmup_steps", type=int, default=0)
     train.add_argument("--adam_beta1", type=float, default=0.9)
     train.add_argument("--adam_beta2", type=float, default=0.999)
@@ -135,9 +165,11 @@ def parse_args(argv=None):
     train.add_argument("--allow_tf32", action="store_true")
     train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (saved as the result).")
     train.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (the paper's 0.9999).")
-    train.add_argument("--ema_warmup", action="store_true",
-                       help="Decay min(ema_decay, 1 − (1 + step)^−3/4) (diffusers' EMA warm-up), for short runs; "
-                            "default: constant.")
+    train.add_argument(
+        "--ema_warmup",
+        action="store_true",
+        help="Decay min(ema_decay, 1 − (1 + step)^−3/4) (diffusers' EMA warm-up), for short runs; default: constant.",
+    )
     train.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory.")
     ckpt = p.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500)
@@ -158,8 +190,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     if (args.pretrained_model_name_or_path is None) == (args.model_config_name_or_path is None):
-        p.error("pass exactly one of --pretrained_model_name_or_path (fine-tune) / "
-                "--model_config_name_or_path (from scratch)")
+        p.error(
+            "pass exactly one of --pretrained_model_name_or_path (fine-tune) / "
+            "--model_config_name_or_path (from scratch)"
+        )
     if sum(x is not None for x in (args.train_data_dir, args.dataset_name, args.latents_dir)) != 1:
         p.error("pass exactly one of --train_data_dir / --dataset_name / --latents_dir")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "checkpointing_steps"):
@@ -204,8 +238,10 @@ def scratch_config(name: str, architecture: str, overrides: dict) -> tuple[type,
         path = Path(name)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
-            raise ValueError(f"`--model_config_name_or_path` {name!r} is not a config file, a model folder, or one of "
-                             f"{sorted(NAMED_CONFIGS)}.")
+            raise ValueError(
+                f"`--model_config_name_or_path` {name!r} is not a config file, a model folder, or one of "
+                f"{sorted(NAMED_CONFIGS)}."
+            )
         config = json.loads(path.read_text())
     class_name = config.get("_class_name")
     if class_name not in MODEL_CLASSES:
@@ -253,9 +289,17 @@ def starting_point(args) -> Start:
         pipe = DiffiTPipeline.from_pretrained(folder)
         card = Path(folder) / "README.md"
         start = Start(
-            type(pipe.transformer), dict(pipe.transformer.config), None, None, None, pipe.vae, pipe,
+            type(pipe.transformer),
+            dict(pipe.transformer.config),
+            None,
+            None,
+            None,
+            pipe.vae,
+            pipe,
             license=(ModelCard.load(card).data.license if card.is_file() else None) or "other",  # kept when tuning
-            base_model=None if Path(args.pretrained_model_name_or_path).is_dir() else args.pretrained_model_name_or_path,
+            base_model=None
+            if Path(args.pretrained_model_name_or_path).is_dir()
+            else args.pretrained_model_name_or_path,
         )
         default_objective = next(k for k, v in OBJECTIVES.items() if v.denoiser_type == pipe.denoiser_type)
     else:
@@ -270,9 +314,11 @@ def starting_point(args) -> Start:
         start.scheduler, start.recipe = default_recipe(objective_cls.name, start.config)
     reason = scheduler_support(type(start.scheduler), objective_cls.denoiser_type)
     if reason is not None:
-        raise ValueError(f"`--objective` {objective_cls.name!r} trains a {objective_cls.denoiser_type!r} denoiser, but "
-                         f"the written pipeline would sample with {type(start.scheduler).__name__} ({reason}); "
-                         "pass --recipe_from a pipeline whose scheduler fits, or another --objective.")
+        raise ValueError(
+            f"`--objective` {objective_cls.name!r} trains a {objective_cls.denoiser_type!r} denoiser, but "
+            f"the written pipeline would sample with {type(start.scheduler).__name__} ({reason}); "
+            "pass --recipe_from a pipeline whose scheduler fits, or another --objective."
+        )
     start.objective = objective_cls.from_scheduler(start.scheduler)
 
     if args.vae:
@@ -281,8 +327,10 @@ def starting_point(args) -> Start:
         start.vae = load_vae(json.loads((Path(args.latents_dir) / "metadata.json").read_text())["vae"])
     if start.vae is not None:
         if start.vae.config.latent_channels != start.config["in_channels"]:
-            raise ValueError(f"The VAE has {start.vae.config.latent_channels} latent channels but the model takes "
-                             f"{start.config['in_channels']}.")
+            raise ValueError(
+                f"The VAE has {start.vae.config.latent_channels} latent channels but the model takes "
+                f"{start.config['in_channels']}."
+            )
         start.vae.requires_grad_(False).eval()
     return start
 
@@ -311,8 +359,10 @@ def build_model(args, start: Start, classes: list[str] | None, num_classes: int)
         class_map = default_class_map(classes, start.pipe.id2label, old, num_classes)
         if num_classes != old or class_map != list(range(num_classes)):
             kept = sum(j is not None for j in class_map)
-            logger.info(f"Label table: {old} -> {num_classes} classes, {kept} kept, {num_classes - kept} new (they "
-                        "start from the null row)")
+            logger.info(
+                f"Label table: {old} -> {num_classes} classes, {kept} kept, {num_classes - kept} new (they "
+                "start from the null row)"
+            )
             resize_class_embedding(model, num_classes, class_map)
         start.pipe = None  # only the model is trained on
     elif start.model_cls is UNet2DModel:  # diffusers' class table; its last row is the null class
@@ -337,8 +387,13 @@ def make_optimizer(args, model: torch.nn.Module, total_batch: int) -> torch.opti
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(model.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return optimizer_cls(
+        model.parameters(),
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
 
 
 def model_card_text(args, model_cls, objective, num_items, num_classes, steps, total_batch) -> str:
@@ -352,11 +407,12 @@ def model_card_text(args, model_cls, objective, num_items, num_classes, steps, t
     data = args.train_data_dir or args.dataset_name or f"latents in {args.latents_dir}"
     labels = "[0, 1]" if num_classes else "None"
     ema = f"EMA {args.ema_decay}{' with warm-up' if args.ema_warmup else ''} (these are the EMA weights)"
+    dropout = f", label dropout {args.label_dropout}" if num_classes else ""
     return f"""# DiffiT ({model_cls.__name__})
 
 [DiffiT](https://arxiv.org/abs/2312.02139) {origin} with `examples/train_diffit.py` of diffusers-diffit.
 
-- data: {data} ({num_items} items, {num_classes or 'no'} classes{f', label dropout {args.label_dropout}' if num_classes else ''})
+- data: {data} ({num_items} items, {num_classes or "no"} classes{dropout})
 - objective: `{objective.name}` (diffusers_diffit/losses.py)
 - {steps} optimizer steps of batch {total_batch}, learning rate {args.learning_rate} ({args.lr_scheduler}),
   {ema if args.use_ema else "no EMA"}, seed {args.seed}
@@ -386,8 +442,13 @@ def build_dataset(args, resolution: int, channels: int):
     if args.train_data_dir:
         return ImageDataset.from_folder(args.train_data_dir, resolution, **kwargs)
     return ImageDataset.from_hub(
-        args.dataset_name, resolution, image_column=args.image_column, label_column=args.label_column,
-        config_name=args.dataset_config_name, cache_dir=args.cache_dir, **kwargs,
+        args.dataset_name,
+        resolution,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        **kwargs,
     )
 
 
@@ -396,9 +457,12 @@ def validate(pipeline: DiffiTPipeline, args, num_classes: int, step: int, accele
     pipeline.set_progress_bar_config(disable=True)
     labels = (args.validation_labels or list(range(min(num_classes, 8)))) if num_classes else []
     images = pipeline(
-        class_labels=labels or None, num_images_per_label=args.num_validation_images,
-        num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
-        generator=torch.Generator(accelerator.device).manual_seed(args.seed), output_type="np",
+        class_labels=labels or None,
+        num_images_per_label=args.num_validation_images,
+        num_inference_steps=args.validation_inference_steps,
+        guidance_scale=args.validation_guidance_scale,
+        generator=torch.Generator(accelerator.device).manual_seed(args.seed),
+        output_type="np",
     ).images
     grid = make_image_grid(numpy_to_pil(images), rows=max(len(labels), 1), cols=args.num_validation_images)
     (output_dir / "samples").mkdir(exist_ok=True)
@@ -419,16 +483,19 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                            logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
         # one shuffle per epoch from (seed, epoch); the datasets draw their augmentation from (seed, epoch, index)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # e.g. torchrun on a machine without GPUs and without --cpu
-        raise ValueError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPUs "
-                         "launch with ACCELERATE_USE_CPU=1 (see examples/README.md).")
+        raise ValueError(
+            f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPUs "
+            "launch with ACCELERATE_USE_CPU=1 (see examples/README.md)."
+        )
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)  # the model's initialisation
@@ -439,14 +506,19 @@ def main(argv=None):
     vae, config = start.vae, start.config
     resolution = config["sample_size"] * vae_scale_factor(vae)
     if args.resolution is not None and args.resolution != resolution:
-        raise ValueError(f"`--resolution` {args.resolution} does not match the model: it trains at {resolution} px "
-                         f"(sample_size {config['sample_size']}{' × the VAE factor' if vae else ''}).")
+        raise ValueError(
+            f"`--resolution` {args.resolution} does not match the model: it trains at {resolution} px "
+            f"(sample_size {config['sample_size']}{' × the VAE factor' if vae else ''})."
+        )
     dataset = build_dataset(args, resolution, vae.config.in_channels if vae is not None else config["in_channels"])
-    if args.latents_dir and (dataset.metadata["resolution"] != resolution
-                             or dataset.metadata["scaling_factor"] != vae.config.scaling_factor):
-        raise ValueError(f"--latents_dir {args.latents_dir} was encoded at {dataset.metadata['resolution']} px with "
-                         f"scaling factor {dataset.metadata['scaling_factor']}; this run needs {resolution} px and "
-                         f"{vae.config.scaling_factor}.")
+    if args.latents_dir and (
+        dataset.metadata["resolution"] != resolution or dataset.metadata["scaling_factor"] != vae.config.scaling_factor
+    ):
+        raise ValueError(
+            f"--latents_dir {args.latents_dir} was encoded at {dataset.metadata['resolution']} px with "
+            f"scaling factor {dataset.metadata['scaling_factor']}; this run needs {resolution} px and "
+            f"{vae.config.scaling_factor}."
+        )
     num_classes, id2label = check_classes(args, dataset.classes)
     model = build_model(args, start, dataset.classes, num_classes)
     if args.gradient_checkpointing:
@@ -455,24 +527,34 @@ def main(argv=None):
     ema = None
     if args.use_ema:  # the first update copies the weights
         warmup = dict(use_ema_warmup=True, power=3 / 4) if args.ema_warmup else dict(min_decay=args.ema_decay)
-        ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config,
-                       **warmup)
+        ema = EMAModel(
+            model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config, **warmup
+        )
     objective = start.objective
 
     # ---- optimisation
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     optimizer = make_optimizer(args, model, total_batch)
-    train_dataloader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                  num_workers=args.dataloader_num_workers)
+    train_dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+    )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if len(train_dataloader) == 0:
-        raise ValueError(f"The dataset ({len(dataset)} items) has less than one batch per process "
-                         f"({args.train_batch_size} × {accelerator.num_processes}).")
+        raise ValueError(
+            f"The dataset ({len(dataset)} items) has less than one batch per process "
+            f"({args.train_batch_size} × {accelerator.num_processes})."
+        )
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
@@ -483,8 +565,9 @@ def main(argv=None):
         vae.to(accelerator.device)
 
     def make_pipeline(transformer) -> DiffiTPipeline:
-        return DiffiTPipeline(transformer=transformer, scheduler=start.scheduler, vae=vae, id2label=id2label,
-                              **start.recipe)
+        return DiffiTPipeline(
+            transformer=transformer, scheduler=start.scheduler, vae=vae, id2label=id2label, **start.recipe
+        )
 
     # ---- checkpoints and resuming
     register_diffusers_hooks(accelerator, ema, ema_device)
@@ -502,10 +585,12 @@ def main(argv=None):
     if accelerator.is_main_process:
         tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=tracked)
-    logger.info(f"{len(dataset)} items, {num_classes or 'no'} classes, {max_train_steps} steps of {total_batch} "
-                f"(batch {args.train_batch_size} × {accelerator.num_processes} processes × "
-                f"{args.gradient_accumulation_steps} accumulation), objective {objective.name}, "
-                f"{'latent' if vae is not None else 'pixel'} space")
+    logger.info(
+        f"{len(dataset)} items, {num_classes or 'no'} classes, {max_train_steps} steps of {total_batch} "
+        f"(batch {args.train_batch_size} × {accelerator.num_processes} processes × "
+        f"{args.gradient_accumulation_steps} accumulation), objective {objective.name}, "
+        f"{'latent' if vae is not None else 'pixel'} space"
+    )
 
     def compute_loss(batch, seed: int) -> tuple[torch.Tensor, dict]:
         generator = torch.Generator(accelerator.device).manual_seed(seed)
@@ -528,8 +613,9 @@ def main(argv=None):
     # ---- the loop
     first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
     skip_batches *= args.gradient_accumulation_steps
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
     micro_step, timed_steps, clock = 0, 0, None
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
@@ -564,8 +650,11 @@ def main(argv=None):
                 clock = time.perf_counter()  # throughput is timed from the end of the first step
             else:
                 timed_steps += 1
-            logs = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0],
-                    **extra}
+            logs = {
+                "loss": accelerator.gather(loss.detach()).mean().item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+                **extra,
+            }
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -594,18 +683,28 @@ def main(argv=None):
         if ema is not None:
             ema.copy_to(final.parameters())
         make_pipeline(final.eval()).save_pretrained(output_dir)
-        text = model_card_text(args, start.model_cls, objective, len(dataset), num_classes, max_train_steps,
-                               total_batch)
+        text = model_card_text(
+            args, start.model_cls, objective, len(dataset), num_classes, max_train_steps, total_batch
+        )
         card = create_model_card(
-            output_dir, text, license=args.license or start.license, base_model=start.base_model,
-            tags=["diffit", "diffusers-diffit", "image-generation",
-                  "class-conditional" if num_classes else "unconditional-image-generation"],
+            output_dir,
+            text,
+            license=args.license or start.license,
+            base_model=start.base_model,
+            tags=[
+                "diffit",
+                "diffusers-diffit",
+                "image-generation",
+                "class-conditional" if num_classes else "unconditional-image-generation",
+            ],
         )
         card.save(output_dir / "README.md")
         logger.info(f"Saved the pipeline to {output_dir}")
         if args.push_to_hub:
             plan = push_to_hub(
-                output_dir, args.hub_model_id or output_dir.resolve().name, private=args.hub_private_repo,
+                output_dir,
+                args.hub_model_id or output_dir.resolve().name,
+                private=args.hub_private_repo,
                 commit_message=f"DiffiT trained for {max_train_steps} steps with train_diffit.py",
                 ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", f"{args.logging_dir}/*"],
             )

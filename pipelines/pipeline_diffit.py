@@ -33,8 +33,13 @@ logger = logging.getLogger(__name__)
 
 # What NVIDIA's FID numbers were measured with (SPEC.md §3), by image side in pixels.
 OFFICIAL_RECIPES = {
-    256: dict(num_inference_steps=250, guidance_scale=4.4, guidance_schedule="power-cosine", guidance_power=4.0,
-              guided_channels=3),
+    256: dict(
+        num_inference_steps=250,
+        guidance_scale=4.4,
+        guidance_schedule="power-cosine",
+        guidance_power=4.0,
+        guided_channels=3,
+    ),
     512: dict(num_inference_steps=250, guidance_scale=1.49, guidance_schedule="constant", guided_channels=3),
 }
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -42,8 +47,14 @@ _LEARNED_VARIANCE = ("learned", "learned_range")
 
 
 # The sampling defaults a pipeline saves in model_index.json.
-RECIPE_KEYS = ("num_inference_steps", "guidance_scale", "guidance_schedule", "guidance_power", "guided_channels",
-               "guidance_interval")
+RECIPE_KEYS = (
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_schedule",
+    "guidance_power",
+    "guided_channels",
+    "guidance_interval",
+)
 
 
 def official_scheduler() -> DDPMScheduler:
@@ -130,7 +141,7 @@ class DiffiTPipeline(DiffusionPipeline):
 
     @property
     def denoiser_type(self) -> str:
-        """"ddpm" or "edm": what the denoiser was trained as, hence which schedulers can drive it."""
+        """ "ddpm" or "edm": what the denoiser was trained as, hence which schedulers can drive it."""
         return self.config.denoiser_type
 
     @property
@@ -255,7 +266,11 @@ class DiffiTPipeline(DiffusionPipeline):
             )
         id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
         return cls(
-            transformer, official_scheduler(), vae=vae, id2label=id2label, denoiser_type="ddpm",
+            transformer,
+            official_scheduler(),
+            vae=vae,
+            id2label=id2label,
+            denoiser_type="ddpm",
             **OFFICIAL_RECIPES[image_size],
         )
 
@@ -410,8 +425,11 @@ class DiffiTPipeline(DiffusionPipeline):
         cfg = self.config
         num_inference_steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
         given = dict(
-            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, guidance_power=guidance_power,
-            guided_channels=guided_channels, guidance_interval=guidance_interval,
+            guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule,
+            guidance_power=guidance_power,
+            guided_channels=guided_channels,
+            guidance_interval=guidance_interval,
         )
         recipe = {key: cfg[key] if value is None else value for key, value in given.items()}
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

@@ -144,10 +144,14 @@ def describe_model(pipe: DiffiTPipeline, info: ModelInfo) -> str:
     classes = f"{config.num_classes} classes" if config.num_classes else "unconditional"
     card = f"[model card]({info.card_url})" if info.card_url else "local folder, no card online"
     if info.card_url == PAPER_URL:
-        card = (f"a {params:.2f} M-parameter DiffiT U-Net trained on scikit-learn's 8×8 digits (16×16 px); "
-                f"[paper]({PAPER_URL})")
-    return (f"**Model:** `{info.name}` ({type(pipe.transformer).__name__}, {params:.2f} M parameters, "
-            f"{side}×{side} px, {classes}) · **licence:** {info.license} · {card}")
+        card = (
+            f"a {params:.2f} M-parameter DiffiT U-Net trained on scikit-learn's 8×8 digits (16×16 px); "
+            f"[paper]({PAPER_URL})"
+        )
+    return (
+        f"**Model:** `{info.name}` ({type(pipe.transformer).__name__}, {params:.2f} M parameters, "
+        f"{side}×{side} px, {classes}) · **licence:** {info.license} · {card}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,8 +197,11 @@ def resolve_classes(pipe: DiffiTPipeline, classes: list[str] | str | None) -> li
                 ids.extend(pipe.get_label_ids(text))
             except ValueError as error:
                 names = class_choices(pipe)
-                hint = (f"This model's classes are {', '.join(names)}." if len(names) <= 20
-                        else "Type part of a name in the Classes box to search the list.")
+                hint = (
+                    f"This model's classes are {', '.join(names)}."
+                    if len(names) <= 20
+                    else "Type part of a name in the Classes box to search the list."
+                )
                 raise ValueError(f"{error} {hint}") from None
     return ids
 
@@ -278,7 +285,7 @@ def check_seed(seed, randomize: bool, rng: random.Random | None = None) -> int:
         return (rng or random).randint(0, MAX_SEED)
     allowed = f"a whole number from 0 to {MAX_SEED}"
     if seed is None or (isinstance(seed, str) and not seed.strip()):
-        raise ValueError(f"The seed is empty: enter {allowed}, or tick \"Randomize seed\".")
+        raise ValueError(f'The seed is empty: enter {allowed}, or tick "Randomize seed".')
     if isinstance(seed, str):
         if not re.fullmatch(r"\s*\d+\s*", seed):
             raise ValueError(f"The seed must be {allowed}, got {seed!r}.")
@@ -429,8 +436,16 @@ def generate(pipe: DiffiTPipeline, *args, on_step=None, **kwargs) -> Result:
 # ---------------------------------------------------------------------------------------------------------------------
 # The page
 
-INPUT_NAMES = ("classes", "images_per_class", "steps", "guidance_scale", "guidance_schedule", "scheduler", "seed",
-               "randomize_seed")
+INPUT_NAMES = (
+    "classes",
+    "images_per_class",
+    "steps",
+    "guidance_scale",
+    "guidance_schedule",
+    "scheduler",
+    "seed",
+    "randomize_seed",
+)
 
 
 def on_gpu(fn):
@@ -450,21 +465,49 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
     def check(classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed):
         """Runs before `run`, without outputs: a mistake shows as a message and the previous images stay."""
         try:
-            check_request(pipe, classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed,
-                          randomize_seed)
+            check_request(
+                pipe,
+                classes,
+                images_per_class,
+                steps,
+                guidance_scale,
+                guidance_schedule,
+                scheduler,
+                seed,
+                randomize_seed,
+            )
         except ValueError as error:
             raise gr.Error(str(error), duration=None, print_exception=False) from None
 
     @on_gpu
-    def run(classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed,
-            progress=gr.Progress()):
+    def run(
+        classes,
+        images_per_class,
+        steps,
+        guidance_scale,
+        guidance_schedule,
+        scheduler,
+        seed,
+        randomize_seed,
+        progress=gr.Progress(),
+    ):
         """Sample images: returns the gallery (PNG files with their class names), the grid and the seed used."""
         progress(0, desc="Starting")
         try:
-            request = check_request(pipe, classes, images_per_class, steps, guidance_scale, guidance_schedule,
-                                    scheduler, seed, randomize_seed)
-            result = sample(pipe, request,
-                            on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
+            request = check_request(
+                pipe,
+                classes,
+                images_per_class,
+                steps,
+                guidance_scale,
+                guidance_schedule,
+                scheduler,
+                seed,
+                randomize_seed,
+            )
+            result = sample(
+                pipe, request, on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps")
+            )
         except ValueError as error:  # the user's mistake (API calls skip `check`): say what to change
             raise gr.Error(str(error), duration=None, print_exception=False) from None
         except torch.OutOfMemoryError:
@@ -480,52 +523,98 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
         with gr.Row():
             with gr.Column(scale=2):
                 classes = gr.Dropdown(
-                    choices, value=d.classes if conditional else [], multiselect=True, filterable=True,
-                    allow_custom_value=True, label="Classes", elem_id="classes", interactive=conditional,
-                    info=(f"Type to search the model's {len(choices)} classes; empty = unconditional samples."
-                          if conditional else "This model is unconditional."),
+                    choices,
+                    value=d.classes if conditional else [],
+                    multiselect=True,
+                    filterable=True,
+                    allow_custom_value=True,
+                    label="Classes",
+                    elem_id="classes",
+                    interactive=conditional,
+                    info=(
+                        f"Type to search the model's {len(choices)} classes; empty = unconditional samples."
+                        if conditional
+                        else "This model is unconditional."
+                    ),
                 )
-                random_button = gr.Button("Random classes", size="sm", elem_id="random-classes",
-                                          visible=conditional)
-                images_per_class = gr.Slider(1, MAX_IMAGES_PER_CLASS, value=d.images_per_class, step=1,
-                                             label="Images per class", elem_id="images-per-class",
-                                             info=f"At most {MAX_IMAGES} images per request.")
+                random_button = gr.Button("Random classes", size="sm", elem_id="random-classes", visible=conditional)
+                images_per_class = gr.Slider(
+                    1,
+                    MAX_IMAGES_PER_CLASS,
+                    value=d.images_per_class,
+                    step=1,
+                    label="Images per class",
+                    elem_id="images-per-class",
+                    info=f"At most {MAX_IMAGES} images per request.",
+                )
                 with gr.Row():
-                    seed = gr.Number(value=d.seed, precision=0, label="Seed", elem_id="seed",
-                                     info=f"0 to {MAX_SEED}")
+                    seed = gr.Number(value=d.seed, precision=0, label="Seed", elem_id="seed", info=f"0 to {MAX_SEED}")
                     randomize_seed = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize-seed")
                 with gr.Accordion("Sampling settings (the model's saved recipe)", open=False):
                     steps = gr.Slider(1, MAX_STEPS, value=d.steps, step=1, label="Steps", elem_id="steps")
-                    guidance_scale = gr.Slider(1.0, MAX_GUIDANCE, value=d.guidance_scale, step=0.05,
-                                               label="Guidance scale", elem_id="guidance-scale",
-                                               info="1 = no classifier-free guidance", interactive=conditional)
-                    guidance_schedule = gr.Dropdown(schedules, value=d.guidance_schedule, label="Guidance schedule",
-                                                    elem_id="guidance-schedule",
-                                                    info=describe_guidance_schedules(schedules))
-                    scheduler = gr.Dropdown(scheduler_choices(pipe), value=d.scheduler, label="Scheduler",
-                                            elem_id="scheduler")
+                    guidance_scale = gr.Slider(
+                        1.0,
+                        MAX_GUIDANCE,
+                        value=d.guidance_scale,
+                        step=0.05,
+                        label="Guidance scale",
+                        elem_id="guidance-scale",
+                        info="1 = no classifier-free guidance",
+                        interactive=conditional,
+                    )
+                    guidance_schedule = gr.Dropdown(
+                        schedules,
+                        value=d.guidance_schedule,
+                        label="Guidance schedule",
+                        elem_id="guidance-schedule",
+                        info=describe_guidance_schedules(schedules),
+                    )
+                    scheduler = gr.Dropdown(
+                        scheduler_choices(pipe), value=d.scheduler, label="Scheduler", elem_id="scheduler"
+                    )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Samples", format="png", columns=4, object_fit="contain", height="auto",
-                                     buttons=["download", "fullscreen"], interactive=False, elem_id="gallery")
-                grid = gr.Image(label="Grid (one row per class)", type="pil", format="png", show_label=False,
-                                interactive=False, buttons=["download", "fullscreen"], elem_id="grid")
+                gallery = gr.Gallery(
+                    label="Samples",
+                    format="png",
+                    columns=4,
+                    object_fit="contain",
+                    height="auto",
+                    buttons=["download", "fullscreen"],
+                    interactive=False,
+                    elem_id="gallery",
+                )
+                grid = gr.Image(
+                    label="Grid (one row per class)",
+                    type="pil",
+                    format="png",
+                    show_label=False,
+                    interactive=False,
+                    buttons=["download", "fullscreen"],
+                    elem_id="grid",
+                )
         inputs = [classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed]
         pixel_space = pipe.vae is None and pipe.transformer.config.sample_size <= 32
-        gr.Examples(example_rows(pipe), inputs,
-                    label="Examples (about a second each on a CPU)" if pixel_space else "Examples")
+        gr.Examples(
+            example_rows(pipe), inputs, label="Examples (about a second each on a CPU)" if pixel_space else "Examples"
+        )
         gr.Markdown(
             f"One request runs at a time (at most {QUEUE_SIZE} wait). Images are lossless PNGs at the model's "
             "resolution: open one in the gallery to download it. API: `gradio_client.Client(url).predict(..., "
-            "api_name=\"/generate\")`, see the Space README."
+            'api_name="/generate")`, see the Space README.'
         )
 
         generate_button.click(check, inputs, None, concurrency_limit=None, api_visibility="private").success(
-            run, inputs, [gallery, grid, seed], api_name="generate", concurrency_limit=CONCURRENCY,
+            run,
+            inputs,
+            [gallery, grid, seed],
+            api_name="generate",
+            concurrency_limit=CONCURRENCY,
             show_progress_on=[gallery, grid],
         )
-        random_button.click(lambda: random_classes(choices, random.randint(2, 4)), None, classes,
-                            api_visibility="private", queue=False)
+        random_button.click(
+            lambda: random_classes(choices, random.randint(2, 4)), None, classes, api_visibility="private", queue=False
+        )
     return demo
 
 

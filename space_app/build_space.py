@@ -64,8 +64,9 @@ def describe_model(model: str | None, license: str | None = None) -> dict:
         if license is None:
             raise ValueError(f"`--model` {model} has no model card with a licence: pass `--license`.")
         latent = index.get("vae", [None, None])[0] is not None
-        return dict(model="model", license=license, hub_id=None, hardware="zero-a10g" if latent else "cpu-basic",
-                    local=folder)
+        return dict(
+            model="model", license=license, hub_id=None, hardware="zero-a10g" if latent else "cpu-basic", local=folder
+        )
     if not HUB_ID.fullmatch(model):
         raise ValueError(f"`--model` must be a local pipeline folder or a Hub id (owner/name), got {model!r}.")
     return dict(model=model, license=license or IMAGENET_LICENSE, hub_id=model, hardware="zero-a10g", local=None)
@@ -83,8 +84,9 @@ def _card_license(folder: Path) -> str | None:
 def space_readme(served: dict, gradio_version: str, space_id: str | None) -> str:
     from huggingface_hub import SpaceCardData
 
-    model_name = served["hub_id"] or ("digits (shipped with diffusers-diffit)" if served["model"] is None
-                                      else "the pipeline in `model/`")
+    model_name = served["hub_id"] or (
+        "digits (shipped with diffusers-diffit)" if served["model"] is None else "the pipeline in `model/`"
+    )
     data = SpaceCardData(
         title="DiffiT",
         emoji="🌀",
@@ -153,8 +155,9 @@ python app.py            # http://127.0.0.1:7860
 """
 
 
-def build_space(output: str | os.PathLike, model: str | None = None, license: str | None = None,
-                space_id: str | None = None) -> Path:
+def build_space(
+    output: str | os.PathLike, model: str | None = None, license: str | None = None, space_id: str | None = None
+) -> Path:
     """Write the Space folder `output` (emptied first if it exists) and return it."""
     served = describe_model(model, license)
     pins = read_pins()
@@ -203,11 +206,17 @@ def push(folder: Path, repo_id: str, private: bool, dry_run: bool, commit_messag
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="the Space folder to write (replaced if built here before)")
-    parser.add_argument("--model", default=None,
-                        help="Hub id or local pipeline folder to serve (default: the digits model in the package)")
-    parser.add_argument("--license", default=None,
-                        help="the served model's licence (default: its card's; cc-by-nc-sa-4.0 for a Hub model, "
-                             "apache-2.0 for the digits model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local pipeline folder to serve (default: the digits model in the package)",
+    )
+    parser.add_argument(
+        "--license",
+        default=None,
+        help="the served model's licence (default: its card's; cc-by-nc-sa-4.0 for a Hub model, "
+        "apache-2.0 for the digits model)",
+    )
     parser.add_argument("--push_to_hub", metavar="USER/SPACE", default=None, help="create/update this Space")
     parser.add_argument("--private", action="store_true", help="create the Space private")
     parser.add_argument("--dry_run", action="store_true", help="with --push_to_hub: list the files, upload nothing")

@@ -1,11 +1,11 @@
 """Run a script with SIGKILL hooks, for the resume test (tests/test_training.py):
 
-    python tests/kill_and_resume.py examples/train_diffit.py ARGS...
+python tests/kill_and_resume.py examples/train_diffit.py ARGS...
 
-    DIFFIT_TEST_KILL=write:N  the N-th file written into a `.tmp-checkpoint-*` folder gets half its bytes, then the
-                              process SIGKILLs itself (a crash in the middle of writing a checkpoint);
-    DIFFIT_TEST_KILL=time:S   SIGKILL S seconds after training starts;
-    DIFFIT_TEST_SLOW_SAVE=S   sleep S seconds before each checkpoint file, so random kills often hit a save.
+DIFFIT_TEST_KILL=write:N  the N-th file written into a `.tmp-checkpoint-*` folder gets half its bytes, then the
+                          process SIGKILLs itself (a crash in the middle of writing a checkpoint);
+DIFFIT_TEST_KILL=time:S   SIGKILL S seconds after training starts;
+DIFFIT_TEST_SLOW_SAVE=S   sleep S seconds before each checkpoint file, so random kills often hit a save.
 """
 
 import io

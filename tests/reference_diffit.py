@@ -117,8 +117,19 @@ class FinalLayer(nn.Module):
 class ReferenceDiffiT(nn.Module):
     """Official-layout latent DiffiT. `forward(x, t, y)`; y = num_classes is the null class."""
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, learn_sigma=True, with_index=True):
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        num_classes=1000,
+        learn_sigma=True,
+        with_index=True,
+    ):
         super().__init__()
         self.p, self.in_ch = patch_size, in_channels
         self.out_ch = in_channels * 2 if learn_sigma else in_channels

@@ -25,8 +25,14 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 def run_cli(*argv: str, cwd: Path) -> tuple[int, str]:
     """`python -m diffusers_diffit.cli ARGV` -> (exit status, stderr)."""
-    process = subprocess.run([sys.executable, "-m", "diffusers_diffit.cli", *argv], cwd=cwd, capture_output=True,
-                             text=True, env={**os.environ, **OFFLINE}, timeout=300)
+    process = subprocess.run(
+        [sys.executable, "-m", "diffusers_diffit.cli", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE},
+        timeout=300,
+    )
     return process.returncode, process.stderr
 
 
@@ -113,8 +119,24 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(imagenet_l
 
 def test_writes_a_grid_one_row_per_label(tmp_path):
     output = tmp_path / "out" / "grid.png"
-    assert cli_main(["sample", "--labels", "3", "1", "4", "--num-images-per-label", "2", "--steps", "3",
-                     "--output", str(output)]) == 0
+    assert (
+        cli_main(
+            [
+                "sample",
+                "--labels",
+                "3",
+                "1",
+                "4",
+                "--num-images-per-label",
+                "2",
+                "--steps",
+                "3",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     grid = Image.open(output)
     assert grid.size == (2 * 64 + 2, 3 * 64 + 2 * 2)  # 16-px digits zoomed 4x, 2-px gaps; one row per label
     assert np.asarray(grid).std() > 0 and not list(output.parent.glob(".*partial"))
@@ -123,15 +145,70 @@ def test_writes_a_grid_one_row_per_label(tmp_path):
 def test_scheduler_presets_are_built_for_the_loaded_model(imagenet_like, tmp_path):
     """`--scheduler dpmsolver` on a converted latent pipeline (DDPM config with the learned variance) works: the
     preset is built with variance_type=None. EDM presets work on the digits model."""
-    assert cli_main(["sample", "--model", str(imagenet_like), "--labels", "1", "2", "--num-images-per-label", "1",
-                     "--scheduler", "dpmsolver", "--steps", "3", "--output", str(tmp_path / "dpm.jpg")]) == 0
+    assert (
+        cli_main(
+            [
+                "sample",
+                "--model",
+                str(imagenet_like),
+                "--labels",
+                "1",
+                "2",
+                "--num-images-per-label",
+                "1",
+                "--scheduler",
+                "dpmsolver",
+                "--steps",
+                "3",
+                "--output",
+                str(tmp_path / "dpm.jpg"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "dpm.jpg").format == "JPEG"
-    assert cli_main(["sample", "--labels", "5", "--num-images-per-label", "1", "--steps", "3", "--scheduler",
-                     "edm-euler", "--upscale", "1", "--output", str(tmp_path / "euler.png")]) == 0
+    assert (
+        cli_main(
+            [
+                "sample",
+                "--labels",
+                "5",
+                "--num-images-per-label",
+                "1",
+                "--steps",
+                "3",
+                "--scheduler",
+                "edm-euler",
+                "--upscale",
+                "1",
+                "--output",
+                str(tmp_path / "euler.png"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "euler.png").size == (16, 16)
     # the digits model's earlier recipe: EDM Heun, 18 steps (35 calls), guidance at every step
-    assert cli_main(["sample", "--labels", "5", "--num-images-per-label", "1", "--scheduler", "edm-heun", "--steps",
-                     "18", "--guidance-interval", "all", "--output", str(tmp_path / "heun.png")]) == 0
+    assert (
+        cli_main(
+            [
+                "sample",
+                "--labels",
+                "5",
+                "--num-images-per-label",
+                "1",
+                "--scheduler",
+                "edm-heun",
+                "--steps",
+                "18",
+                "--guidance-interval",
+                "all",
+                "--output",
+                str(tmp_path / "heun.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_guidance_schedule_reaches_the_pipeline(imagenet_like, tmp_path, monkeypatch):
@@ -139,15 +216,46 @@ def test_guidance_schedule_reaches_the_pipeline(imagenet_like, tmp_path, monkeyp
     schedule = GUIDANCE_SCHEDULES["power-cosine"]
     spy = dataclasses.replace(schedule, weight=lambda *args: calls.append(args) or schedule.weight(*args))
     monkeypatch.setitem(GUIDANCE_SCHEDULES, "power-cosine", spy)
-    assert cli_main(["sample", "--model", str(imagenet_like), "--labels", "1", "--num-images-per-label", "1",
-                     "--steps", "3", "--guidance-schedule", "power-cosine", "--output", str(tmp_path / "g.png")]) == 0
+    assert (
+        cli_main(
+            [
+                "sample",
+                "--model",
+                str(imagenet_like),
+                "--labels",
+                "1",
+                "--num-images-per-label",
+                "1",
+                "--steps",
+                "3",
+                "--guidance-schedule",
+                "power-cosine",
+                "--output",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     assert [(guidance_scale, horizon) for _, guidance_scale, _, horizon in calls] == [(1.5, 1000)] * 3
 
 
 def test_help_lists_the_options_and_presets():
-    process = subprocess.run([sys.executable, "-m", "diffusers_diffit.cli", "sample", "--help"], capture_output=True,
-                             text=True, env={**os.environ, **OFFLINE}, timeout=120)
+    process = subprocess.run(
+        [sys.executable, "-m", "diffusers_diffit.cli", "sample", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE},
+        timeout=120,
+    )
     assert process.returncode == 0
-    for words in ("--labels", "--scheduler", "edm-heun", "dpmsolver", "--debug", "--seed", "--device",
-                  "--guidance-schedule"):
+    for words in (
+        "--labels",
+        "--scheduler",
+        "edm-heun",
+        "dpmsolver",
+        "--debug",
+        "--seed",
+        "--device",
+        "--guidance-schedule",
+    ):
         assert words in process.stdout

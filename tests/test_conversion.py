@@ -48,21 +48,30 @@ def official_layout_checkpoint(seed=0) -> dict[str, torch.Tensor]:
 
     state = {
         "pos_embed": pos_embed,
-        "x_embedder.proj.weight": randn(DIM, 4, PATCH, PATCH), "x_embedder.proj.bias": randn(DIM),
-        "t_embedder.mlp.0.weight": randn(DIM, 256), "t_embedder.mlp.0.bias": randn(DIM),
-        "t_embedder.mlp.2.weight": randn(DIM, DIM), "t_embedder.mlp.2.bias": randn(DIM),
+        "x_embedder.proj.weight": randn(DIM, 4, PATCH, PATCH),
+        "x_embedder.proj.bias": randn(DIM),
+        "t_embedder.mlp.0.weight": randn(DIM, 256),
+        "t_embedder.mlp.0.bias": randn(DIM),
+        "t_embedder.mlp.2.weight": randn(DIM, DIM),
+        "t_embedder.mlp.2.bias": randn(DIM),
         "y_embedder.embedding_table.weight": randn(CLASSES + 1, DIM),
-        "final_layer.linear.weight": randn(PATCH * PATCH * 8, DIM), "final_layer.linear.bias": randn(PATCH * PATCH * 8),
+        "final_layer.linear.weight": randn(PATCH * PATCH * 8, DIM),
+        "final_layer.linear.bias": randn(PATCH * PATCH * 8),
     }
     for i in range(DEPTH):
         state |= {
-            f"blocks.{i}.attn.qkv.weight": randn(3 * DIM, DIM), f"blocks.{i}.attn.qkv.bias": randn(3 * DIM),
-            f"blocks.{i}.attn.qkv_temb.weight": randn(3 * DIM, DIM), f"blocks.{i}.attn.qkv_temb.bias": randn(3 * DIM),
-            f"blocks.{i}.attn.proj.weight": randn(DIM, DIM), f"blocks.{i}.attn.proj.bias": randn(DIM),
+            f"blocks.{i}.attn.qkv.weight": randn(3 * DIM, DIM),
+            f"blocks.{i}.attn.qkv.bias": randn(3 * DIM),
+            f"blocks.{i}.attn.qkv_temb.weight": randn(3 * DIM, DIM),
+            f"blocks.{i}.attn.qkv_temb.bias": randn(3 * DIM),
+            f"blocks.{i}.attn.proj.weight": randn(DIM, DIM),
+            f"blocks.{i}.attn.proj.bias": randn(DIM),
             f"blocks.{i}.attn.relative_position_bias_table": randn((2 * grid - 1) ** 2, HEADS),
             f"blocks.{i}.attn.relative_position_index": index.clone(),
-            f"blocks.{i}.mlp.fc1.weight": randn(4 * DIM, DIM), f"blocks.{i}.mlp.fc1.bias": randn(4 * DIM),
-            f"blocks.{i}.mlp.fc2.weight": randn(DIM, 4 * DIM), f"blocks.{i}.mlp.fc2.bias": randn(DIM),
+            f"blocks.{i}.mlp.fc1.weight": randn(4 * DIM, DIM),
+            f"blocks.{i}.mlp.fc1.bias": randn(4 * DIM),
+            f"blocks.{i}.mlp.fc2.weight": randn(DIM, 4 * DIM),
+            f"blocks.{i}.mlp.fc2.bias": randn(DIM),
         }
     return state
 
@@ -89,25 +98,41 @@ def no_hub_uploads(monkeypatch):
 def test_conversion_writes_a_complete_verified_pipeline(inputs, tmp_path, capsys):
     checkpoint, vae, state = inputs
     out = tmp_path / "DiffiT-tiny"
-    load_script().main(["--checkpoint_path", str(checkpoint), "--output_path", str(out), "--vae", str(vae),
-                        "--image_size", "256"])
+    load_script().main(
+        ["--checkpoint_path", str(checkpoint), "--output_path", str(out), "--vae", str(vae), "--image_size", "256"]
+    )
 
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
-        "README.md", "model_index.json", "scheduler/scheduler_config.json", "transformer/config.json",
-        "transformer/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+        "README.md",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
     ]
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "DiffiTPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
-    assert (index["num_inference_steps"], index["guidance_scale"], index["guidance_schedule"], index["guidance_power"],
-            index["guided_channels"]) == (250, 4.4, "power-cosine", 4.0, 3)
+    assert (
+        index["num_inference_steps"],
+        index["guidance_scale"],
+        index["guidance_schedule"],
+        index["guidance_power"],
+        index["guided_channels"],
+    ) == (250, 4.4, "power-cosine", 4.0, 3)
     assert index["id2label"]["207"] == ["golden retriever"] and len(index["id2label"]) == 1000
 
     pipe = DiffiTPipeline.from_pretrained(out)
     scheduler = pipe.scheduler
     assert isinstance(scheduler, DDPMScheduler)
-    assert (scheduler.config.variance_type, scheduler.config.clip_sample, scheduler.config.timestep_spacing,
-            scheduler.config.beta_start, scheduler.config.beta_end) == ("learned_range", False, "linspace", 1e-4, 0.02)
+    assert (
+        scheduler.config.variance_type,
+        scheduler.config.clip_sample,
+        scheduler.config.timestep_spacing,
+        scheduler.config.beta_start,
+        scheduler.config.beta_end,
+    ) == ("learned_range", False, "linspace", 1e-4, 0.02)
     assert pipe.id2label == imagenet_id2label()
     # the official tensors landed where they belong: q, k, v split in that order, names mapped
     blocks = pipe.transformer.transformer_blocks
@@ -116,15 +141,18 @@ def test_conversion_writes_a_complete_verified_pipeline(inputs, tmp_path, capsys
         assert torch.equal(getattr(blocks[1].attn, f"to_{name}").weight, state["blocks.1.attn.qkv.weight"][rows])
         assert torch.equal(getattr(blocks[0].attn, f"to_{name}_time").bias, state["blocks.0.attn.qkv_temb.bias"][rows])
     assert torch.equal(pipe.transformer.proj_out.weight, state["final_layer.linear.weight"])
-    images = pipe("golden retriever", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                  output_type="np").images
+    images = pipe(
+        "golden retriever", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "diffusers" and card.data.license == "cc-by-nc-sa-4.0"
     assert card.data.base_model == "nvidia/DiffiT" and "diffit" in card.data.tags
     assert "from diffusers_diffit import DiffiTPipeline" in card.text and f'from_pretrained("{out}"' in card.text
-    assert "| 1.73 | 4.54 | 276.49 | 0.802 | 0.621 |" in card.text and "@inproceedings{hatamizadeh2024diffit" in card.text
+    assert (
+        "| 1.73 | 4.54 | 276.49 | 0.802 | 0.621 |" in card.text and "@inproceedings{hatamizadeh2024diffit" in card.text
+    )
     assert "the first 3 of the 4 latent channels, the power-cosine schedule w(t) = 1 + (w − 1)" in card.text
     assert "(w = 4.4, p = 4, T = 1000)." in card.text
     assert "Would upload" not in capsys.readouterr().out
@@ -133,13 +161,34 @@ def test_conversion_writes_a_complete_verified_pipeline(inputs, tmp_path, capsys
 def test_dry_run_lists_the_upload_without_network(inputs, tmp_path, capsys):
     checkpoint, vae, _ = inputs
     out = tmp_path / "converted"
-    load_script().main(["--checkpoint_path", str(checkpoint), "--output_path", str(out), "--vae", str(vae),
-                        "--image_size", "512", "--dtype", "bf16", "--push_to_hub", "someone/DiffiT-tiny", "--dry_run"])
+    load_script().main(
+        [
+            "--checkpoint_path",
+            str(checkpoint),
+            "--output_path",
+            str(out),
+            "--vae",
+            str(vae),
+            "--image_size",
+            "512",
+            "--dtype",
+            "bf16",
+            "--push_to_hub",
+            "someone/DiffiT-tiny",
+            "--dry_run",
+        ]
+    )
     printed = capsys.readouterr().out
-    assert "Would upload to someone/DiffiT-tiny with commit message 'DiffiT 512px converted to diffusers (bf16)'" in printed
+    assert (
+        "Would upload to someone/DiffiT-tiny with commit message 'DiffiT 512px converted to diffusers (bf16)'"
+        in printed
+    )
     assert "  transformer/diffusion_pytorch_model.safetensors" in printed and "  README.md" in printed
     card = ModelCard.load(out / "README.md")
-    assert 'from_pretrained("someone/DiffiT-tiny"' in card.text and "| 2.67 | 4.99 | 252.13 | 0.828 | 0.550 |" in card.text
+    assert (
+        'from_pretrained("someone/DiffiT-tiny"' in card.text
+        and "| 2.67 | 4.99 | 252.13 | 0.828 | 0.550 |" in card.text
+    )
     index = json.loads((out / "model_index.json").read_text())
     assert (index["guidance_scale"], index["guidance_schedule"]) == (1.49, "constant")
     assert "the constant schedule w(t) = w at every step (w = 1.49)." in card.text
@@ -167,8 +216,11 @@ def test_image_size_must_match_an_official_checkpoint(inputs):
     checkpoint = inputs[0]
     # a VAE that downsamples ×32 turns the 8×8 latents into 256-px images: an official size, so it must agree
     vae = AutoencoderKL(
-        block_out_channels=(4,) * 6, down_block_types=("DownEncoderBlock2D",) * 6,
-        up_block_types=("UpDecoderBlock2D",) * 6, latent_channels=4, norm_num_groups=4,
+        block_out_channels=(4,) * 6,
+        down_block_types=("DownEncoderBlock2D",) * 6,
+        up_block_types=("UpDecoderBlock2D",) * 6,
+        latent_channels=4,
+        norm_num_groups=4,
     )
     with pytest.raises(ValueError, match=r"`image_size` 512 does not match the checkpoint, which makes 256-px"):
         DiffiTPipeline.from_single_file(checkpoint, vae=vae, image_size=512)
@@ -212,14 +264,30 @@ def test_push_to_hub_uploads_one_commit(tmp_path, monkeypatch):
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "HEAD").write_text("x")
 
-    plan = hub.push_to_hub(tmp_path, "me/model", commit_message="End of training", private=True, token="t",
-                           ignore_patterns=["checkpoint-*"], dry_run=True)
+    plan = hub.push_to_hub(
+        tmp_path,
+        "me/model",
+        commit_message="End of training",
+        private=True,
+        token="t",
+        ignore_patterns=["checkpoint-*"],
+        dry_run=True,
+    )
     assert plan.files == ["unet/config.json"] and plan.commit_url is None and calls == []
 
-    plan = hub.push_to_hub(tmp_path, "me/model", commit_message="End of training", private=True, token="t",
-                           ignore_patterns=["checkpoint-*"])
+    plan = hub.push_to_hub(
+        tmp_path,
+        "me/model",
+        commit_message="End of training",
+        private=True,
+        token="t",
+        ignore_patterns=["checkpoint-*"],
+    )
     assert plan.commit_url == "https://hub/commit/1"
-    assert calls == [("token", "t"), ("create_repo", "me/model", True, True),
-                     ("upload_folder", "me/model", tmp_path, "End of training", ["checkpoint-*"])]
+    assert calls == [
+        ("token", "t"),
+        ("create_repo", "me/model", True, True),
+        ("upload_folder", "me/model", tmp_path, "End of training", ["checkpoint-*"]),
+    ]
     with pytest.raises(ValueError, match="`folder` must be an existing directory"):
         hub.push_to_hub(tmp_path / "missing", "me/model")

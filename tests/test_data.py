@@ -61,8 +61,9 @@ def test_accelerate_seedable_sampler_order_depends_only_on_seed_and_epoch():
 
     def order(seed: int, epoch: int) -> list[int]:
         reset_accelerate()
-        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                                      data_seed=seed))
+        accelerator = Accelerator(
+            cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
+        )
         loader = accelerator.prepare(DataLoader(list(range(20)), batch_size=4, shuffle=True, drop_last=True))
         loader.set_epoch(epoch)
         result = [i for batch in loader for i in batch.tolist()]
@@ -105,8 +106,21 @@ def test_digits_folder_holds_the_training_images(tmp_path):
 
 def test_precompute_latents_stores_vae_moments_and_resumes(train_assets, tmp_path):
     out = tmp_path / "latents"
-    argv = ["--vae", train_assets["vae"], "--train_data_dir", train_assets["rgb"], "--resolution", 16, "--flip",
-            "--output_dir", out, "--shard_size", 5, "--batch_size", 3]
+    argv = [
+        "--vae",
+        train_assets["vae"],
+        "--train_data_dir",
+        train_assets["rgb"],
+        "--resolution",
+        16,
+        "--flip",
+        "--output_dir",
+        out,
+        "--shard_size",
+        5,
+        "--batch_size",
+        3,
+    ]
     run_in_process(precompute_latents, argv)
     data = LatentDataset(out, random_flip=True)
     assert len(data) == 12 and data.classes == ["cat", "dog", "fish"] and len(data.shards) == 3
@@ -128,8 +142,19 @@ def test_precompute_latents_stores_vae_moments_and_resumes(train_assets, tmp_pat
     with pytest.raises(ValueError, match="other settings"):
         run_in_process(precompute_latents, argv[:-4] + ["--shard_size", 5, "--batch_size", 3, "--dtype", "float16"])
     no_flip = tmp_path / "no-flip"
-    run_in_process(precompute_latents, ["--vae", train_assets["vae"], "--train_data_dir", train_assets["gray"],
-                                        "--resolution", 16, "--output_dir", no_flip])
+    run_in_process(
+        precompute_latents,
+        [
+            "--vae",
+            train_assets["vae"],
+            "--train_data_dir",
+            train_assets["gray"],
+            "--resolution",
+            16,
+            "--output_dir",
+            no_flip,
+        ],
+    )
     with pytest.raises(ValueError, match="without --flip"):
         LatentDataset(no_flip, random_flip=True)
 

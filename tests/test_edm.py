@@ -43,8 +43,19 @@ class GaussianF(nn.Module):
         return ((ideal_denoiser(x, sigma) - c_skip * x) / c_out,)
 
 
-def edm_sampler(denoise, x, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, s_churn=0.0, s_tmin=0.0,
-                s_tmax=float("inf"), s_noise=1.0, generator=None):
+def edm_sampler(
+    denoise,
+    x,
+    num_steps,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    generator=None,
+):
     """EDM Algorithm 2 (Algorithm 1 when s_churn = 0), line by line, in float64. `x` is x_0 ~ N(0, t_0²)."""
     i = torch.arange(num_steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -108,9 +119,18 @@ def test_edm_denoise_with_the_ideal_f_is_the_ideal_denoiser():
 
 
 def test_edm_loss_matches_the_formula():
-    model = DiffiTUNet2DModel(sample_size=8, in_channels=1, block_out_channels=(8,), layers_per_block=1,
-                              window_size=4, attention_head_dim=8, time_embedding_dim=8, frequency_embedding_size=8,
-                              num_classes=3, class_dropout_prob=0.0)
+    model = DiffiTUNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        window_size=4,
+        attention_head_dim=8,
+        time_embedding_dim=8,
+        frequency_embedding_size=8,
+        num_classes=3,
+        class_dropout_prob=0.0,
+    )
     nn.init.normal_(model.conv_out.weight, std=0.1)
     clean, labels = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3, 1])
     loss = edm_loss(model, clean, labels, generator=torch.Generator().manual_seed(7))

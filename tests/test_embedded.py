@@ -29,9 +29,12 @@ def pipe() -> DiffiTPipeline:
 def test_shipped_folder_is_small_safetensors_and_in_the_wheel():
     folder = Path(embedded_model_path("digits"))
     files = [p.relative_to(folder.parents[1]).as_posix() for p in folder.rglob("*") if p.is_file()]
-    assert {"embedded/digits/model_index.json", "embedded/digits/transformer/config.json",
-            "embedded/digits/transformer/diffusion_pytorch_model.safetensors",
-            "embedded/digits/scheduler/scheduler_config.json"} <= set(files)
+    assert {
+        "embedded/digits/model_index.json",
+        "embedded/digits/transformer/config.json",
+        "embedded/digits/transformer/diffusion_pytorch_model.safetensors",
+        "embedded/digits/scheduler/scheduler_config.json",
+    } <= set(files)
     assert sum((folder.parents[1] / f).stat().st_size for f in files) < 5e6
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
@@ -55,8 +58,9 @@ def test_loads_offline_with_the_right_components(pipe):
 
 
 def test_samples_finite_images_of_the_right_shape(pipe):
-    images = pipe([0, 9], num_images_per_label=2, num_inference_steps=4, generator=torch.manual_seed(0),
-                  output_type="pt").images
+    images = pipe(
+        [0, 9], num_images_per_label=2, num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt"
+    ).images
     assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all()
     pil = pipe(3, num_inference_steps=2, generator=torch.manual_seed(0)).images
     assert pil[0].size == (16, 16) and pil[0].mode == "L"

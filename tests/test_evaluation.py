@@ -156,8 +156,9 @@ def test_precision_recall_matches_brute_force_knn(k):
 
 def test_manifold_radii_are_kth_neighbour_distances():
     x = np.random.default_rng(2).normal(size=(60, 5))
-    np.testing.assert_allclose(manifold_radii(x, k=3, block_size=7, dtype=torch.float64),
-                               np.sort(cdist(x, x), axis=1)[:, 3], rtol=1e-10)
+    np.testing.assert_allclose(
+        manifold_radii(x, k=3, block_size=7, dtype=torch.float64), np.sort(cdist(x, x), axis=1)[:, 3], rtol=1e-10
+    )
 
 
 def test_precision_recall_of_a_set_with_itself_is_one():
@@ -195,8 +196,11 @@ class TinyExtractor(nn.Module):
     def forward(self, images):
         assert images.dtype == torch.uint8 and images.shape[1] == 3
         x = torch.tanh(self.conv(images.float() / 127.5 - 1))
-        return {"pool": x.mean((2, 3)), "spatial": nn.functional.adaptive_avg_pool2d(x, 2).flatten(1),
-                "logits": x.mean((2, 3)) * 3}
+        return {
+            "pool": x.mean((2, 3)),
+            "spatial": nn.functional.adaptive_avg_pool2d(x, 2).flatten(1),
+            "logits": x.mean((2, 3)) * 3,
+        }
 
 
 def _images(n: int, seed: int, side: int = 8) -> np.ndarray:
@@ -293,8 +297,9 @@ def test_dinov2_wrapper_returns_the_normed_cls_token():
 
     from diffusers_diffit.evaluation import DINOv2FeatureExtractor
 
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=64, patch_size=14, image_size=28)
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=28
+    )
     model = transformers.Dinov2Model(config).eval()
     extractor = DINOv2FeatureExtractor(model, resolution=28)
     features = extract_features(_images(3, 4, side=20), extractor, batch_size=2, progress=False)["dinov2"]
@@ -317,12 +322,14 @@ def test_compute_metrics_uses_reference_statistics_like_adm():
     samples = extract_features(_images(40, 5), extractor, progress=False)
     reference = extract_features(_images(50, 6), extractor, progress=False)
     given = FeatureStatistics(np.zeros(6), np.eye(6))  # deliberately not the reference images' statistics
-    out = compute_metrics(samples, reference, ("fid", "sfid", "precision", "recall", "is"),
-                          reference_statistics={"pool": given})
+    out = compute_metrics(
+        samples, reference, ("fid", "sfid", "precision", "recall", "is"), reference_statistics={"pool": given}
+    )
     assert out["fid"] == pytest.approx(fid_reference_stats(samples["pool"], given))  # the npz's μ, Σ
     assert out["sfid"] == pytest.approx(fid_reference(samples["spatial"], reference["spatial"]), rel=1e-6)
     assert (out["precision"], out["recall"]) == pytest.approx(
-        precision_recall_reference(reference["pool"], samples["pool"], 3), abs=1 / 40)
+        precision_recall_reference(reference["pool"], samples["pool"], 3), abs=1 / 40
+    )
     logits = samples["logits"].astype(np.float64)
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert out["is"] == pytest.approx(inception_score_reference(p, 10), rel=1e-9)
@@ -344,30 +351,54 @@ def tiny_inception(monkeypatch, tmp_path):
     """`diffit evaluate` with TinyExtractor in place of the Inception network (and a dummy weights file)."""
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"")
-    monkeypatch.setattr(evaluate_module.InceptionFeatureExtractor, "from_pretrained", classmethod(
-        lambda cls, path=None: TinyExtractor()))
+    monkeypatch.setattr(
+        evaluate_module.InceptionFeatureExtractor,
+        "from_pretrained",
+        classmethod(lambda cls, path=None: TinyExtractor()),
+    )
     return weights
 
 
 def test_diffit_evaluate_end_to_end_with_reference_statistics(tmp_path, tiny_inception):
     samples, reference = _images(30, 7), _images(40, 8)
     ref_features = extract_features(reference, TinyExtractor(), progress=False)
-    stats = {"mu": ref_features["pool"].mean(0) + 1, "sigma": np.cov(ref_features["pool"], rowvar=False),
-             "mu_s": ref_features["spatial"].mean(0), "sigma_s": np.cov(ref_features["spatial"], rowvar=False)}
+    stats = {
+        "mu": ref_features["pool"].mean(0) + 1,
+        "sigma": np.cov(ref_features["pool"], rowvar=False),
+        "mu_s": ref_features["spatial"].mean(0),
+        "sigma_s": np.cov(ref_features["spatial"], rowvar=False),
+    }
     save_npz(tmp_path / "samples.npz", samples)
     save_npz(tmp_path / "ref.npz", reference, statistics=stats)
     out_json = tmp_path / "metrics.json"
-    args = build_parser().parse_args(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--reference",
-                                      str(tmp_path / "ref.npz"), "--metrics", "fid,sfid,is,precision,recall",
-                                      "--batch-size", "7", "--device", "cpu", "--inception-weights",
-                                      str(tiny_inception), "--output", str(out_json)])
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            "--samples",
+            str(tmp_path / "samples.npz"),
+            "--reference",
+            str(tmp_path / "ref.npz"),
+            "--metrics",
+            "fid,sfid,is,precision,recall",
+            "--batch-size",
+            "7",
+            "--device",
+            "cpu",
+            "--inception-weights",
+            str(tiny_inception),
+            "--output",
+            str(out_json),
+        ]
+    )
     result = run_evaluate(args)
     sample_features = extract_features(samples, TinyExtractor(), progress=False)
-    assert result["fid"] == pytest.approx(fid_reference_stats(sample_features["pool"], FeatureStatistics(
-        stats["mu"], stats["sigma"])), rel=1e-6)
+    assert result["fid"] == pytest.approx(
+        fid_reference_stats(sample_features["pool"], FeatureStatistics(stats["mu"], stats["sigma"])), rel=1e-6
+    )
     assert result["reference_statistics_used"] == ["pool", "spatial"]
     assert (result["precision"], result["recall"]) == pytest.approx(
-        precision_recall_reference(ref_features["pool"], sample_features["pool"], 3), abs=1 / 30)
+        precision_recall_reference(ref_features["pool"], sample_features["pool"], 3), abs=1 / 30
+    )
     assert json.loads(out_json.read_text())["fid"] == pytest.approx(result["fid"])
     # the same through the functional API, without statistics in the reference: they come from its images
     save_npz(tmp_path / "ref_plain.npz", reference)
@@ -392,8 +423,16 @@ def test_evaluate_refuses_user_mistakes_before_loading_networks(tmp_path, monkey
     save_npz("s.npz", _images(4, 0))
     (tmp_path / "ref.txt").write_text("")
     (tmp_path / "w.pth").write_bytes(b"")
-    values = dict(samples="s.npz", reference="s.npz", metrics="fid", batch_size=8, device="cpu",
-                  inception_weights="w.pth", dinov2_model="facebook/dinov2-large", output=None)
+    values = dict(
+        samples="s.npz",
+        reference="s.npz",
+        metrics="fid",
+        batch_size=8,
+        device="cpu",
+        inception_weights="w.pth",
+        dinov2_model="facebook/dinov2-large",
+        output=None,
+    )
     values.update(change)
     if values["output"] is not None:
         values["output"] = tmp_path / values["output"]

@@ -92,8 +92,11 @@ def test_embedded_pipeline_in_half_precision_draws_the_digits_asked_for(dtype):
     labels = list(range(10))
 
     def sample():
-        return pipe(labels, num_images_per_label=4, generator=torch.Generator().manual_seed(1),
-                    output_type="latent").images.float().cpu()
+        return (
+            pipe(labels, num_images_per_label=4, generator=torch.Generator().manual_seed(1), output_type="latent")
+            .images.float()
+            .cpu()
+        )
 
     pipe.to("cuda")
     full = sample()
@@ -114,8 +117,11 @@ def test_latent_pipeline_fp16_on_cuda_matches_fp32_on_cpu():
     pipe = test_pipeline.make_pipe(scheduler=test_pipeline._discrete(DDIMScheduler), **OFFICIAL_RECIPES[256])
 
     def sample():
-        return pipe([1, 7], num_inference_steps=8, generator=torch.Generator().manual_seed(0),
-                    output_type="pt").images.float().cpu()
+        return (
+            pipe([1, 7], num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="pt")
+            .images.float()
+            .cpu()
+        )
 
     expected = sample()
     pipe.to("cuda", torch.float16)
@@ -146,9 +152,28 @@ def test_gpu_suite_runs_one_small_row(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--tiny", "--device", "cuda", "--resolutions", "256", "--dtypes", "bf16",
-         "--batches", "2", "--window", "1", "--warmup", "1", "--repeats", "1"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(script),
+            "--tiny",
+            "--device",
+            "cuda",
+            "--resolutions",
+            "256",
+            "--dtypes",
+            "bf16",
+            "--batches",
+            "2",
+            "--window",
+            "1",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DiffiT fused, compile + CUDA graphs" in result.stdout and "GPU-hours" in result.stdout

@@ -22,7 +22,8 @@ from tests.test_unet import tiny_model as tiny_unet
 
 def reference_hybrid_terms(out, x0, x_t, noise, t, scheduler):
     """L_simple and L_vlb from Ho et al. (eq. 7 posterior, eq. 15 x̂_0, §3.3 decoder) in float64, the model's log
-    variance from diffusers' own `DDPMScheduler._get_variance("learned_range")` (t > 0), KL from torch.distributions."""
+    variance from diffusers' own `DDPMScheduler._get_variance("learned_range")` (t > 0), KL from
+    torch.distributions."""
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     alpha_bar = torch.cumprod(1 - betas, 0)
     c = x0.shape[1]

@@ -72,8 +72,14 @@ def test_distributions_hold_the_package_and_its_data(distributions):
     dist_info = wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"
     assert f"{dist_info}/licenses/LICENSE" in wheel_files and "LICENSE" in sdist_files
     metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
-    for field in ("License: Apache-2.0", "License-File: LICENSE", "Keywords:", "Project-URL: Paper, https://arxiv.org/abs/2312.02139",
-                  "Classifier: Typing :: Typed", "Requires-Dist: diffusers<0.43,>=0.42"):
+    for field in (
+        "License: Apache-2.0",
+        "License-File: LICENSE",
+        "Keywords:",
+        "Project-URL: Paper, https://arxiv.org/abs/2312.02139",
+        "Classifier: Typing :: Typed",
+        "Requires-Dist: diffusers<0.43,>=0.42",
+    ):
         assert field in metadata, field
     output = run(sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist))
     assert output.count("PASSED") == 2, output
@@ -85,12 +91,36 @@ def test_wheel_alone_samples_and_imports_in_a_fresh_environment(distributions, t
     run(sys.executable, "-m", "venv", str(env_dir))
     python = env_dir / "bin" / "python"
     # one resolve: the pinned CPU torch (as `make setup` installs it) and the wheel with its dependencies
-    run(str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-compile",
-        "-c", str(ROOT / "constraints-ci.txt"), "torch==2.13.0", str(wheel))
+    run(
+        str(python),
+        "-m",
+        "pip",
+        "--disable-pip-version-check",
+        "-q",
+        "install",
+        "--no-compile",
+        "-c",
+        str(ROOT / "constraints-ci.txt"),
+        "torch==2.13.0",
+        str(wheel),
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     env.pop("PYTHONPATH", None)
-    run(str(env_dir / "bin" / "diffit"), "sample", "--labels", "3", "1", "--num-images-per-label", "2",
-        "--steps", "2", "--output", "grid.png", cwd=tmp_path, env=env)
+    run(
+        str(env_dir / "bin" / "diffit"),
+        "sample",
+        "--labels",
+        "3",
+        "1",
+        "--num-images-per-label",
+        "2",
+        "--steps",
+        "2",
+        "--output",
+        "grid.png",
+        cwd=tmp_path,
+        env=env,
+    )
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")

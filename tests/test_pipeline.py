@@ -58,10 +58,14 @@ def _one_thread():
 
 def tiny_transformer(in_channels=4, learned_sigma=True, num_classes=NUM_CLASSES, seed=0) -> DiffiTTransformer2DModel:
     torch.manual_seed(seed)
-    model = DiffiTTransformer2DModel(**{
-        **TINY_TRANSFORMER, "in_channels": in_channels, "out_channels": in_channels * (2 if learned_sigma else 1),
-        "num_classes": num_classes,
-    })
+    model = DiffiTTransformer2DModel(
+        **{
+            **TINY_TRANSFORMER,
+            "in_channels": in_channels,
+            "out_channels": in_channels * (2 if learned_sigma else 1),
+            "num_classes": num_classes,
+        }
+    )
     if num_classes:  # labels that matter a lot, so that any guidance slip shows in the final latents
         torch.nn.init.normal_(model.condition_embed.class_embedder.weight, std=30.0)
     return model.eval()
@@ -69,7 +73,9 @@ def tiny_transformer(in_channels=4, learned_sigma=True, num_classes=NUM_CLASSES,
 
 def make_pipe(transformer=None, scheduler=None, vae="tiny", **config) -> DiffiTPipeline:
     pipe = DiffiTPipeline(
-        transformer or tiny_transformer(), scheduler or official_scheduler(), vae=tiny_vae() if vae == "tiny" else vae,
+        transformer or tiny_transformer(),
+        scheduler or official_scheduler(),
+        vae=tiny_vae() if vae == "tiny" else vae,
         **config,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -100,8 +106,10 @@ def official_loop(model, x_T, labels, noises, w, schedule, p=4.0, guided=3, step
     for k in reversed(range(steps)):
         t = int(use_timesteps[k])  # the model sees the original timestep
         out = model(
-            torch.cat([x, x]).float(), torch.full((2 * len(x),), t),
-            class_labels=torch.cat([labels, torch.full_like(labels, null)]), return_dict=False,
+            torch.cat([x, x]).float(),
+            torch.full((2 * len(x),), t),
+            class_labels=torch.cat([labels, torch.full_like(labels, null)]),
+            return_dict=False,
         )[0].double()
         cond, uncond = out.chunk(2)
         if schedule == "power-cosine":
@@ -146,7 +154,9 @@ def test_official_recipe_matches_reference_loop(image_size, record_ddpm_noise):
 
     got = pipe(labels, latents=x_T, generator=gen(2), output_type="latent").images
     assert len(record_ddpm_noise) == 249  # no noise at the last step
-    expected = official_loop(model, x_T, labels, record_ddpm_noise, recipe["guidance_scale"], recipe["guidance_schedule"])
+    expected = official_loop(
+        model, x_T, labels, record_ddpm_noise, recipe["guidance_scale"], recipe["guidance_schedule"]
+    )
     error = relative_error(got, expected)
     print(f"{recipe['guidance_schedule']}: max |pipeline - reference| / max |reference| = {error:.2e}")
     assert error < 1e-4
@@ -180,9 +190,18 @@ def _discrete(cls):
 
 
 DISCRETE = [
-    DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler,
-    DEISMultistepScheduler, PNDMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler, LMSDiscreteScheduler, KDPM2DiscreteScheduler,
+    DDPMScheduler,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    UniPCMultistepScheduler,
+    DEISMultistepScheduler,
+    PNDMScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    KDPM2DiscreteScheduler,
 ]
 
 
@@ -192,13 +211,14 @@ def test_every_discrete_scheduler_runs_with_the_official_guidance(scheduler_cls)
     pipe = make_pipe(scheduler=_discrete(scheduler_cls), vae=None, **OFFICIAL_RECIPES[256])
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
-    latents = pipe([3, 4], num_inference_steps=4, generator=gen(0),
-                   output_type="latent").images
+    latents = pipe([3, 4], num_inference_steps=4, generator=gen(0), output_type="latent").images
     assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
     assert calls == [4] * len(pipe.scheduler.timesteps)  # cond + uncond every step
 
 
-@pytest.mark.parametrize("scheduler_cls", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "scheduler_cls", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler], ids=lambda c: c.__name__
+)
 @torch.no_grad()
 def test_edm_schedulers_run_in_pixel_space(scheduler_cls):
     model = tiny_transformer(in_channels=3, learned_sigma=False, num_classes=0)
@@ -214,8 +234,15 @@ def test_image_space_unet_with_edm_heun(tmp_path):
     """The package's own pixel-space pair: DiffiTUNet2DModel (1-channel, class-conditional) + EDMHeunScheduler."""
     torch.manual_seed(0)
     unet = DiffiTUNet2DModel(
-        sample_size=16, in_channels=1, block_out_channels=(16, 32), layers_per_block=1, window_size=4,
-        attention_head_dim=8, time_embedding_dim=24, frequency_embedding_size=16, num_classes=NUM_CLASSES,
+        sample_size=16,
+        in_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        window_size=4,
+        attention_head_dim=8,
+        time_embedding_dim=24,
+        frequency_embedding_size=16,
+        num_classes=NUM_CLASSES,
     ).eval()
     torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # its head starts at zero
     pipe = make_pipe(unet, EDMHeunScheduler(), vae=None, guidance_scale=2.0, num_inference_steps=3)
@@ -266,7 +293,9 @@ def test_initial_noise_is_scaled_by_init_noise_sigma(monkeypatch):
     pipe = make_pipe(scheduler=_discrete(EulerDiscreteScheduler), vae=None)
     seen = []
     step = pipe.scheduler.step
-    monkeypatch.setattr(pipe.scheduler, "step", lambda out, t, sample, **kw: seen.append(sample) or step(out, t, sample, **kw))
+    monkeypatch.setattr(
+        pipe.scheduler, "step", lambda out, t, sample, **kw: seen.append(sample) or step(out, t, sample, **kw)
+    )
     x_T = torch.randn(1, 4, 8, 8, generator=gen(0))
     pipe(0, latents=x_T, num_inference_steps=3, output_type="latent")
     assert pipe.scheduler.init_noise_sigma > 10
@@ -281,7 +310,9 @@ def test_initial_noise_is_scaled_for_this_calls_timesteps(monkeypatch):
     pipe = make_pipe(scheduler=scheduler, vae=None)
     seen = []
     step = pipe.scheduler.step
-    monkeypatch.setattr(pipe.scheduler, "step", lambda out, t, sample, **kw: seen.append(sample) or step(out, t, sample, **kw))
+    monkeypatch.setattr(
+        pipe.scheduler, "step", lambda out, t, sample, **kw: seen.append(sample) or step(out, t, sample, **kw)
+    )
     x_T = torch.randn(1, 4, 8, 8, generator=gen(0))
     sigmas = []
     for steps in (10, 3):
@@ -428,7 +459,10 @@ def test_a_registered_schedule_is_sampled_with_and_offered_by_the_cli(halfway_sc
         cli_main(["sample", "--help"])
     assert "halfway: w(t) = (1 + w) / 2 (discrete-time schedulers)" in capsys.readouterr().out
     # the digits model shipped in the package samples in EDM σ-space: refused before it is loaded
-    assert cli_main(["sample", "--labels", "1", "--guidance-schedule", "halfway", "--output", str(tmp_path / "g.png")]) == 2
+    assert (
+        cli_main(["sample", "--labels", "1", "--guidance-schedule", "halfway", "--output", str(tmp_path / "g.png")])
+        == 2
+    )
     assert "argument --guidance-schedule: 'halfway' needs a discrete-time scheduler" in capsys.readouterr().err
 
 
@@ -436,7 +470,9 @@ def test_a_registered_schedule_is_sampled_with_and_offered_by_the_cli(halfway_sc
 def test_unconditional_sampling_of_a_conditional_model_uses_the_null_class():
     pipe = make_pipe(vae=None, guidance_scale=4.0)
     labels_seen = []
-    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: labels_seen.append(kw["class_labels"]), with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: labels_seen.append(kw["class_labels"]), with_kwargs=True
+    )
     pipe(num_images_per_label=3, num_inference_steps=2, output_type="latent")
     assert all(labels.tolist() == [NUM_CLASSES] * 3 for labels in labels_seen)  # one pass: nothing to guide
 
@@ -450,7 +486,9 @@ def test_labels_by_name_and_id_and_bare_strings():
     pipe = make_pipe(tiny_transformer(num_classes=1000), vae=None)  # 1000 classes -> ImageNet names by default
     assert pipe.get_label_ids(["golden retriever", "Tinca tinca"]) == [207, 0]
     labels_seen = []
-    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: labels_seen.append(kw["class_labels"]), with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: labels_seen.append(kw["class_labels"]), with_kwargs=True
+    )
     pipe("golden retriever", num_inference_steps=1, output_type="latent")  # a bare string is one label
     pipe(["tench", 207, torch.tensor(3).item()], num_images_per_label=2, num_inference_steps=1, output_type="latent")
     pipe(torch.tensor([9, 8]), num_inference_steps=1, output_type="latent")
@@ -561,15 +599,24 @@ def test_stock_cfg_cutoff_callback_turns_guidance_off(monkeypatch):
     same = pipe(**run, generator=gen(0), guidance_interval=(t_last_guided, 1000)).images
     assert torch.equal(cut, same)
     seen = []
-    pipe([3], num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: seen.append(kw["prompt_embeds"]) or {},
-         callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    pipe(
+        [3],
+        num_inference_steps=2,
+        callback_on_step_end=lambda p, i, t, kw: seen.append(kw["prompt_embeds"]) or {},
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    )
     assert [s.tolist() for s in seen] == [[3, NUM_CLASSES]] * 2  # [label; null] while guiding
 
 
 @pytest.mark.parametrize(
     "labels",
-    [np.array([3, 5]), np.array([3, 5], dtype=np.uint8), [torch.tensor(3), torch.tensor(5)], [np.int64(3), 5],
-     torch.tensor([3, 5], dtype=torch.int32)],
+    [
+        np.array([3, 5]),
+        np.array([3, 5], dtype=np.uint8),
+        [torch.tensor(3), torch.tensor(5)],
+        [np.int64(3), 5],
+        torch.tensor([3, 5], dtype=torch.int32),
+    ],
     ids=["numpy", "numpy-uint8", "0d-tensors", "numpy-scalar", "int32-tensor"],
 )
 @torch.no_grad()
@@ -595,14 +642,22 @@ def test_offload_sequence_covers_every_model_component():
 @torch.no_grad()
 def test_save_load_round_trip(tmp_path):
     pipe = make_pipe(
-        id2label={0: ["zero"], 3: "three, drei"}, num_inference_steps=7, guidance_scale=2.5,
-        guidance_schedule="power-cosine", guidance_power=3.0, guided_channels=2, guidance_interval=(10, 900),
+        id2label={0: ["zero"], 3: "three, drei"},
+        num_inference_steps=7,
+        guidance_scale=2.5,
+        guidance_schedule="power-cosine",
+        guidance_power=3.0,
+        guided_channels=2,
+        guidance_interval=(10, 900),
     )
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers_diffit.models.transformer_diffit", "DiffiTTransformer2DModel"]
     assert index["id2label"] == {"0": ["zero"], "3": ["three", "drei"]}
-    assert sorted(p.name for p in (tmp_path / "transformer").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "transformer").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
 
     loaded = DiffiTPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
@@ -611,11 +666,15 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config.guidance_interval == [10.0, 900.0] and loaded.id2label[3] == ["three", "drei"]
     assert type(loaded.scheduler) is DDPMScheduler and loaded.scheduler.config.variance_type == "learned_range"
     for name in ("transformer", "vae"):
-        public = [{k: v for k, v in json.loads(p.components[name].to_json_string()).items() if not k.startswith("_")}
-                  for p in (pipe, loaded)]
+        public = [
+            {k: v for k, v in json.loads(p.components[name].to_json_string()).items() if not k.startswith("_")}
+            for p in (pipe, loaded)
+        ]
         assert public[0] == public[1]
-        assert all(torch.equal(a, b) for a, b in zip(pipe.components[name].state_dict().values(),
-                                                    loaded.components[name].state_dict().values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(pipe.components[name].state_dict().values(), loaded.components[name].state_dict().values())
+        )
     # a tolerance, not bitwise: the reloaded weights live in other memory (safetensors), and some BLAS builds pick
     # other kernels for them (seen on an AMD EPYC: 2.4e-7 apart; here with MKL_ENABLE_INSTRUCTIONS=SSE4_2)
     a = pipe(3, generator=gen(0), output_type="np").images
@@ -670,7 +729,10 @@ def test_hub_id_is_loaded_from_the_snapshot(tmp_path):
         (dict(num_inference_steps=0), r"`num_inference_steps` must be an int >= 1"),
         (dict(guidance_scale=-1.0), r"`guidance_scale` must be a finite number >= 1"),
         (dict(guidance_scale=0.5), r"`guidance_scale` must be a finite number >= 1"),
-        (dict(guidance_scale=float("nan")), r"`guidance_scale` must be a finite number >= 1 \(1 = no guidance\), got nan"),
+        (
+            dict(guidance_scale=float("nan")),
+            r"`guidance_scale` must be a finite number >= 1 \(1 = no guidance\), got nan",
+        ),
         (dict(guidance_scale=float("inf")), r"`guidance_scale` must be a finite number >= 1"),
         (dict(guidance_power=float("nan")), "`guidance_power` must be a finite number > 0"),
         (dict(guidance_interval=(0, float("inf"))), "`guidance_interval` must be None, 'all' or \\(t_low, t_high\\)"),

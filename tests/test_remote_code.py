@@ -61,11 +61,27 @@ def latent_repo(inputs, tmp_path_factory):  # noqa: F811
     RecordingApi.calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hub, "HfApi", RecordingApi)
-        load_script().main([
-            "--checkpoint_path", str(checkpoint), "--output_path", str(out), "--vae", str(vae), "--image_size", "256",
-            "--remote_code", "--sample_grid", "--sample_labels", "207", "tench", "--sample_steps", "2",
-            "--push_to_hub", "someone/DiffiT-tiny",
-        ])
+        load_script().main(
+            [
+                "--checkpoint_path",
+                str(checkpoint),
+                "--output_path",
+                str(out),
+                "--vae",
+                str(vae),
+                "--image_size",
+                "256",
+                "--remote_code",
+                "--sample_grid",
+                "--sample_labels",
+                "207",
+                "tench",
+                "--sample_steps",
+                "2",
+                "--push_to_hub",
+                "someone/DiffiT-tiny",
+            ]
+        )
     return out, list(RecordingApi.calls)
 
 
@@ -74,8 +90,16 @@ def pixel_repo(tmp_path_factory):
     """A tiny class-conditional image-space DiffiT with the package's EDM scheduler, saved with remote code."""
     torch.manual_seed(0)
     unet = DiffiTUNet2DModel(
-        sample_size=8, in_channels=1, block_out_channels=(8, 16), layers_per_block=1, window_size=4,
-        attention_head_dim=4, time_embedding_dim=16, num_classes=10, norm_num_groups=4, frequency_embedding_size=16,
+        sample_size=8,
+        in_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        window_size=4,
+        attention_head_dim=4,
+        time_embedding_dim=16,
+        num_classes=10,
+        norm_num_groups=4,
+        frequency_embedding_size=16,
     )
     pipe = DiffiTPipeline(unet, EDMHeunScheduler(), id2label={i: [str(i)] for i in range(10)}, guidance_scale=1.5)
     out = tmp_path_factory.mktemp("pixel") / "DiffiT-pixel"
@@ -90,7 +114,11 @@ def run_without_package(folder: Path, call: dict, tmp_path: Path) -> tuple[dict[
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, "-I", str(CHILD), str(folder), str(out), json.dumps(call)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     with safe_open(out, "pt") as f:
@@ -115,8 +143,9 @@ def test_plain_diffusers_loads_and_samples_like_the_package(kind, latent_repo, p
     child, report = run_without_package(folder, call, tmp_path)
     expected = package_outputs(folder, call)
 
-    model_class = {"latent": "transformer_diffit.DiffiTTransformer2DModel",
-                   "pixel": "unet_diffit.DiffiTUNet2DModel"}[kind]
+    model_class = {"latent": "transformer_diffit.DiffiTTransformer2DModel", "pixel": "unet_diffit.DiffiTUNet2DModel"}[
+        kind
+    ]
     assert report["pipeline"] == "diffusers_modules.local.pipeline_diffit.DiffiTPipeline"
     assert report["automodel"] == f"diffusers_modules.local.{model_class}"
     assert report["components"]["transformer"] == f"diffusers_modules.local.{model_class.split('.')[0]}"
@@ -138,9 +167,16 @@ def test_repo_layout_and_generated_code(latent_repo, pixel_repo):
     latent, _ = latent_repo
     files = sorted(p.relative_to(latent).as_posix() for p in latent.rglob("*") if p.is_file())
     assert files == [
-        "README.md", "model_index.json", "pipeline_diffit.py", "sample_grid.png", "scheduler/scheduler_config.json",
-        "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
-        "transformer/transformer_diffit.py", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+        "README.md",
+        "model_index.json",
+        "pipeline_diffit.py",
+        "sample_grid.png",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "transformer/transformer_diffit.py",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
     ]
     index = json.loads((latent / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_diffit", "DiffiTPipeline"]
@@ -158,10 +194,16 @@ def test_repo_layout_and_generated_code(latent_repo, pixel_repo):
         "pipeline_diffit.py": "diffusers_diffit.pipelines.pipeline_diffit",
         "transformer/transformer_diffit.py": "diffusers_diffit.models.transformer_diffit",
     }
-    for folder, module_files in [(latent, sources), (pixel_repo, {
-        "transformer/unet_diffit.py": "diffusers_diffit.models.unet_diffit",
-        "scheduler/scheduling_edm_heun.py": "diffusers_diffit.schedulers.scheduling_edm_heun",
-    })]:
+    for folder, module_files in [
+        (latent, sources),
+        (
+            pixel_repo,
+            {
+                "transformer/unet_diffit.py": "diffusers_diffit.models.unet_diffit",
+                "scheduler/scheduling_edm_heun.py": "diffusers_diffit.schedulers.scheduling_edm_heun",
+            },
+        ),
+    ]:
         for path, module in module_files.items():
             text = (folder / path).read_text()
             # one source of truth: what the package generates from its modules now
@@ -170,8 +212,11 @@ def test_repo_layout_and_generated_code(latent_repo, pixel_repo):
             assert generated_from(text) == module
             # self-contained: diffusers would fetch no sibling file and import no diffusers_diffit module
             assert get_relative_imports(folder / path) == []
-            assert "diffusers_diffit" not in {line.split()[1].split(".")[0] for line in text.splitlines()
-                                              if line.lstrip().startswith(("import ", "from "))}
+            assert "diffusers_diffit" not in {
+                line.split()[1].split(".")[0]
+                for line in text.splitlines()
+                if line.lstrip().startswith(("import ", "from "))
+            }
         assert stale_remote_code_files(folder) == []
 
 
@@ -207,9 +252,13 @@ def test_drift_is_detected(pixel_repo, tmp_path):
 
 def test_generated_code_may_import_only_diffusers_and_its_requirements():
     check_generated_imports("import os\nimport torch\nfrom diffusers.models import ModelMixin\n")
-    for bad in ("import accelerate\n", "from diffusers_diffit.guidance import apply_guidance\n",
-                "from .guidance import apply_guidance\n", "def f():\n    import timm\n",
-                '"""Example:\n\n    from diffusers_diffit import DiffiTPipeline\n"""\n'):
+    for bad in (
+        "import accelerate\n",
+        "from diffusers_diffit.guidance import apply_guidance\n",
+        "from .guidance import apply_guidance\n",
+        "def f():\n    import timm\n",
+        '"""Example:\n\n    from diffusers_diffit import DiffiTPipeline\n"""\n',
+    ):
         with pytest.raises(ValueError, match="import"):
             check_generated_imports(bad)
     assert set(ALLOWED_IMPORTS) == {"torch", "diffusers", "numpy", "PIL", "einops", "safetensors", "huggingface_hub"}
@@ -312,8 +361,22 @@ def test_card_text_is_written_as_given(tmp_path):
 def test_card_without_remote_code_does_not_promise_plain_diffusers(inputs, tmp_path, capsys):  # noqa: F811
     checkpoint, vae, _ = inputs
     out = tmp_path / "no-code"
-    load_script().main(["--checkpoint_path", str(checkpoint), "--output_path", str(out), "--vae", str(vae),
-                        "--image_size", "512", "--no_remote_code", "--push_to_hub", "someone/x", "--dry_run"])
+    load_script().main(
+        [
+            "--checkpoint_path",
+            str(checkpoint),
+            "--output_path",
+            str(out),
+            "--vae",
+            str(vae),
+            "--image_size",
+            "512",
+            "--no_remote_code",
+            "--push_to_hub",
+            "someone/x",
+            "--dry_run",
+        ]
+    )
     card = ModelCard.load(out / "README.md")
     assert "trust_remote_code" not in card.text and "This repo holds no code" in card.text
     assert card.data.pipeline_tag == "unconditional-image-generation"

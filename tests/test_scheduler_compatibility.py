@@ -70,7 +70,9 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
             denoised = mu + STD**2 / (STD**2 + sigma**2) * (x - mu)
             out = (denoised - c_skip * x) / c_out
         else:  # σ(t) interpolated between training steps, as diffusers' Euler-type schedulers do
-            sigma = torch.from_numpy(np.interp(t.flatten().numpy(), np.arange(1000), self.sigmas.numpy())).view(-1, 1, 1, 1)
+            sigma = torch.from_numpy(np.interp(t.flatten().numpy(), np.arange(1000), self.sigmas.numpy())).view(
+                -1, 1, 1, 1
+            )
             abar = 1 / (1 + sigma**2)
             # Euler-type schedulers feed x_t·(1/√(σ²+1)) = √ᾱ·(x₀ + σ ε), which is x_t of the DDPM scale
             out = (1 - abar).sqrt() * (x - abar.sqrt() * mu) / (abar * STD**2 + 1 - abar)
@@ -98,7 +100,9 @@ def test_every_compatible_scheduler_samples_the_data_distribution(denoiser_type,
     pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
     labels = torch.tensor([0, 2, 4]).repeat_interleave(32)
     steps = STEPS.get(name, 100)
-    x = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    x = pipe(
+        labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent"
+    ).images
     x = x.double().view(3, -1)  # [class, pixels]
     mean, std = x.mean(1), x.std(1)
     print(f"{name}: mean {mean.tolist()}, std {std.tolist()}")
@@ -142,7 +146,11 @@ def test_the_shipped_digits_model_refuses_discrete_schedulers_and_names_the_edm_
         with pytest.raises(ValueError, match=r"EDMHeunScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler"):
             pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.scheduler = EDMEulerScheduler.from_config(pipe.scheduler.config)
-    assert pipe.compatible_schedulers == [EDMHeunScheduler, EDMEulerScheduler, diffusers.EDMDPMSolverMultistepScheduler]
+    assert pipe.compatible_schedulers == [
+        EDMHeunScheduler,
+        EDMEulerScheduler,
+        diffusers.EDMDPMSolverMultistepScheduler,
+    ]
 
 
 def test_noise_schedule_and_prediction_type_must_match_the_training():

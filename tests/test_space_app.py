@@ -1,25 +1,18 @@
 """The Gradio Space's logic (space_app/app.py) on the digits model shipped in the package: checking requests,
 classes, schedulers, sampling, the model's licence. The page itself is driven in a browser in test_space_ui.py."""
 
-import os
-import tempfile
+import importlib.util
+import io
+import json
+import random
+import shutil
+import types
+from pathlib import Path
 
+import pytest
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-"))  # before gradio is imported
-
-import importlib.util  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from diffusers_diffit import embedded_model_path, imagenet_id2label  # noqa: E402
-from diffusers_diffit.labels import lookup_label_ids  # noqa: E402
+from diffusers_diffit import embedded_model_path, imagenet_id2label
+from diffusers_diffit.labels import lookup_label_ids
 
 
 APP = Path(__file__).resolve().parents[1] / "space_app" / "app.py"
@@ -53,8 +46,16 @@ def pipe(loaded):
 
 
 def request(**changes):
-    values = dict(classes=["3", "7"], images_per_class=2, steps=4, guidance_scale=1.25,
-                  guidance_schedule="constant", scheduler="default", seed=0, randomize_seed=False)
+    values = dict(
+        classes=["3", "7"],
+        images_per_class=2,
+        steps=4,
+        guidance_scale=1.25,
+        guidance_schedule="constant",
+        scheduler="default",
+        seed=0,
+        randomize_seed=False,
+    )
     values.update(changes)
     return values
 
@@ -123,7 +124,9 @@ def test_class_picker_lists_every_imagenet_class_once_and_resolves_them(app):
 
 
 def test_unknown_digit_class_lists_the_model_classes(app, pipe):
-    with pytest.raises(ValueError, match=r"Unknown class label 'seven'\. No close match\. This model's classes are 0, 1, 2"):
+    with pytest.raises(
+        ValueError, match=r"Unknown class label 'seven'\. No close match\. This model's classes are 0, 1, 2"
+    ):
         app.resolve_classes(pipe, ["seven"])
     assert app.resolve_classes(pipe, []) == [] and app.resolve_classes(pipe, None) == []
 
@@ -137,8 +140,16 @@ def test_random_classes_are_distinct_choices(app):
 
 @pytest.mark.parametrize(
     "seed, message",
-    [(None, "The seed is empty"), ("", "The seed is empty"), (10**20, "too large"), (-1, "too small"),
-     (float("nan"), "whole number"), (2.5, "whole number"), ("12a", "whole number"), (True, "whole number")],
+    [
+        (None, "The seed is empty"),
+        ("", "The seed is empty"),
+        (10**20, "too large"),
+        (-1, "too small"),
+        (float("nan"), "whole number"),
+        (2.5, "whole number"),
+        ("12a", "whole number"),
+        (True, "whole number"),
+    ],
 )
 def test_bad_seeds_are_explained(app, seed, message):
     with pytest.raises(ValueError, match=message):

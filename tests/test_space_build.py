@@ -2,31 +2,24 @@
 huggingface_hub, and the folder deployed the way a Space build runs it: requirements.txt installed alone into a
 fresh virtual environment, then `python app.py`, asked for an image through gradio_client."""
 
+import importlib.metadata
+import json
 import os
-import tempfile
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
+import huggingface_hub
+import pytest
+from huggingface_hub import SpaceCard, SpaceHardware
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-"))
-os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+from diffusers_diffit import embedded_model_path
 
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import huggingface_hub  # noqa: E402
-import pytest  # noqa: E402
-from huggingface_hub import SpaceCard, SpaceHardware  # noqa: E402
-
-from diffusers_diffit import embedded_model_path  # noqa: E402
-
-from .test_space_app import load_module  # noqa: E402
+from .test_space_app import load_module
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +37,16 @@ def card(folder: Path):
 def test_default_space_is_complete_and_pinned(builder, tmp_path):
     folder = builder.build_space(tmp_path / "space")
     files = builder.space_files(folder)
-    for name in ["app.py", "README.md", "requirements.txt", "space_config.json", "diffusers_diffit/__init__.py",
-                 "diffusers_diffit/pipelines/pipeline_diffit.py", "diffusers_diffit/data/imagenet_labels.json",
-                 "diffusers_diffit/embedded/digits/model_index.json"]:
+    for name in [
+        "app.py",
+        "README.md",
+        "requirements.txt",
+        "space_config.json",
+        "diffusers_diffit/__init__.py",
+        "diffusers_diffit/pipelines/pipeline_diffit.py",
+        "diffusers_diffit/data/imagenet_labels.json",
+        "diffusers_diffit/embedded/digits/model_index.json",
+    ]:
         assert name in files
     assert not any("__pycache__" in name for name in files)
     assert (folder / "app.py").read_text() == (ROOT / "space_app" / "app.py").read_text()
@@ -60,7 +60,7 @@ def test_default_space_is_complete_and_pinned(builder, tmp_path):
     assert data.license == "apache-2.0" and data.models is None  # the shipped digits model: the package's licence
     assert len(data.short_description) <= 60
     assert data.suggested_hardware in {hardware.value for hardware in SpaceHardware}
-    assert "api_name=\"/generate\"" in (folder / "README.md").read_text()
+    assert 'api_name="/generate"' in (folder / "README.md").read_text()
     assert json.loads((folder / "space_config.json").read_text()) == {"model": None, "license": "apache-2.0"}
 
 
@@ -123,13 +123,22 @@ def test_dry_run_lists_files_and_commit_message_without_network(builder, tmp_pat
 
     monkeypatch.setattr(huggingface_hub, "create_repo", no_network)
     monkeypatch.setattr(huggingface_hub, "upload_folder", no_network)
-    builder.main(["--output", str(tmp_path / "space"), "--push_to_hub", "me/diffit", "--dry_run",
-                  "--commit_message", "first version"])
+    builder.main(
+        [
+            "--output",
+            str(tmp_path / "space"),
+            "--push_to_hub",
+            "me/diffit",
+            "--dry_run",
+            "--commit_message",
+            "first version",
+        ]
+    )
     out = capsys.readouterr().out
     assert "me/diffit" in out and "'first version'" in out and "nothing uploaded" in out
     for name in ["app.py", "README.md", "requirements.txt", "diffusers_diffit/pipelines/pipeline_diffit.py"]:
         assert f"  {name}\n" in out
-    assert "Client(\"me/diffit\")" in (tmp_path / "space" / "README.md").read_text()
+    assert 'Client("me/diffit")' in (tmp_path / "space" / "README.md").read_text()
 
 
 def test_push_creates_a_gradio_space_and_uploads_the_folder(builder, tmp_path, monkeypatch):
@@ -182,7 +191,10 @@ def test_built_space_runs_from_a_fresh_environment(builder, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", "requirements.txt"],
-        cwd=outside, env=env, capture_output=True, text=True,
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert install.returncode == 0, install.stderr[-4000:]
 
@@ -190,8 +202,13 @@ def test_built_space_runs_from_a_fresh_environment(builder, tmp_path):
     shutil.copytree(built, space)
     port = free_port()
     log = tmp_path / "app.log"
-    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    env.update(
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
+    )
     with open(log, "w") as out:
         process = subprocess.Popen([str(python), "app.py"], cwd=space, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:

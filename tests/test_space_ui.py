@@ -6,25 +6,18 @@ DIFFIT_SKIP_UI=1 to skip the browser part explicitly. DIFFIT_SCREENSHOT=path sav
 """
 
 import os
-import tempfile
+import shutil
+import socket
+import types
+from pathlib import Path
 
+import numpy as np
+import pytest
+from gradio_client import Client
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-"))  # private: parallel runs collide
-os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
-
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from gradio_client import Client  # noqa: E402
-from PIL import Image  # noqa: E402
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
-
-from .test_space_app import load_app  # noqa: E402
+from .test_space_app import load_app
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,8 +60,13 @@ def browser():
         browser = playwright.chromium.launch(
             executable_path=chromium_path(),
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-extensions"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-extensions",
+            ],
         )
         yield browser
         browser.close()
@@ -233,8 +231,16 @@ def test_gradio_client_calls_generate(server, app):
     assert Path(grid).read_bytes().startswith(PNG_MAGIC)
     # the same images as the app's own function with the page's defaults
     defaults = app.recipe_defaults(server.pipe)
-    expected = app.generate(server.pipe, ["3", "7"], 2, defaults.steps, defaults.guidance_scale,
-                            defaults.guidance_schedule, defaults.scheduler, 11)
+    expected = app.generate(
+        server.pipe,
+        ["3", "7"],
+        2,
+        defaults.steps,
+        defaults.guidance_scale,
+        defaults.guidance_schedule,
+        defaults.scheduler,
+        11,
+    )
     for item, image in zip(gallery, expected.images):
         assert np.array_equal(np.asarray(Image.open(item["image"])), np.asarray(image))
 

@@ -38,12 +38,20 @@ def test_every_json_file_the_package_ships_is_strict():
 
 @pytest.mark.parametrize("scheduler", [EDMHeunScheduler(), EDMHeunScheduler(s_churn=40, s_tmin=0.05)])
 def test_a_fresh_save_is_strict(tmp_path, scheduler):
-    pipe = make_pipe(tiny_transformer(in_channels=3, learned_sigma=False), scheduler, vae=None, guidance_scale=2.0,
-                     guidance_interval=(-1.5, 2.5))
+    pipe = make_pipe(
+        tiny_transformer(in_channels=3, learned_sigma=False),
+        scheduler,
+        vae=None,
+        guidance_scale=2.0,
+        guidance_interval=(-1.5, 2.5),
+    )
     pipe.save_pretrained(tmp_path)
     files = sorted(tmp_path.rglob("*.json"))
     assert {p.relative_to(tmp_path).as_posix() for p in files} == {
-        "model_index.json", "scheduler/scheduler_config.json", "transformer/config.json"}
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+    }
     for path in files:
         strict_load(path)
     assert strict_load(tmp_path / "scheduler" / "scheduler_config.json")["s_tmax"] is None
@@ -52,10 +60,13 @@ def test_a_fresh_save_is_strict(tmp_path, scheduler):
 def test_single_file_pipeline_takes_dtype_and_torch_dtype(tmp_path):
     save_file(official_layout_checkpoint(), tmp_path / "diffit.safetensors")
     for kwargs in (dict(dtype=torch.bfloat16), dict(torch_dtype=torch.bfloat16)):
-        pipe = DiffiTPipeline.from_single_file(tmp_path / "diffit.safetensors", vae=tiny_vae(), image_size=256, **kwargs)
+        pipe = DiffiTPipeline.from_single_file(
+            tmp_path / "diffit.safetensors", vae=tiny_vae(), image_size=256, **kwargs
+        )
         assert pipe.transformer.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"`dtype` \(torch.float16\) and `torch_dtype` \(torch.bfloat16\) disagree"):
-        DiffiTPipeline.from_single_file(tmp_path / "diffit.safetensors", vae=tiny_vae(), dtype=torch.float16,
-                                        torch_dtype=torch.bfloat16)
+        DiffiTPipeline.from_single_file(
+            tmp_path / "diffit.safetensors", vae=tiny_vae(), dtype=torch.float16, torch_dtype=torch.bfloat16
+        )
     with pytest.raises(ValueError, match="`dtype` must be a torch.dtype"):
         DiffiTPipeline.from_single_file(tmp_path / "diffit.safetensors", vae=tiny_vae(), dtype="fp16")

@@ -32,18 +32,44 @@ precompute_latents = load_example("precompute_latents")
 
 
 def latent_args(train_assets, output_dir, *extra) -> list:
-    return ["--model_config_name_or_path", train_assets["transformer"], "--vae", train_assets["vae"],
-            "--train_data_dir", train_assets["rgb"], "--output_dir", output_dir, "--train_batch_size", 4,
-            "--report_to", "none", *extra]
+    return [
+        "--model_config_name_or_path",
+        train_assets["transformer"],
+        "--vae",
+        train_assets["vae"],
+        "--train_data_dir",
+        train_assets["rgb"],
+        "--output_dir",
+        output_dir,
+        "--train_batch_size",
+        4,
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def latent_run(train_assets) -> Path:
     """One latent run (EMA, flips, validation grid) reused by the fine-tuning tests."""
     out = train_assets["root"] / "latent-run"
-    run_in_process(train_diffit, latent_args(train_assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                                             "--use_ema", "--random_flip", "--validation_steps", 4,
-                                             "--validation_inference_steps", 2))
+    run_in_process(
+        train_diffit,
+        latent_args(
+            train_assets,
+            out,
+            "--max_train_steps",
+            4,
+            "--checkpointing_steps",
+            2,
+            "--use_ema",
+            "--random_flip",
+            "--validation_steps",
+            4,
+            "--validation_inference_steps",
+            2,
+        ),
+    )
     return out
 
 
@@ -65,17 +91,37 @@ def test_latent_run_writes_a_pipeline_that_loads_and_samples(latent_run):
     pipe = DiffiTPipeline.from_pretrained(latent_run)
     scheduler = pipe.scheduler.config
     assert scheduler.variance_type == "learned_range" and scheduler.timestep_spacing == "linspace"
-    images = pipe(class_labels=["dog", 0], num_inference_steps=2, generator=torch.manual_seed(0),
-                  output_type="np").images
+    images = pipe(
+        class_labels=["dog", 0], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
 def test_image_space_unet_trains_with_edm_and_loads(train_assets):
     out = train_assets["root"] / "unet-run"
-    run_in_process(train_diffit, ["--model_config_name_or_path", train_assets["unet"], "--train_data_dir", train_assets["gray"],
-                                  "--output_dir", out, "--train_batch_size", 4, "--max_train_steps", 3,
-                                  "--checkpointing_steps", 3, "--report_to", "none", "--use_ema",
-                                  "--mixed_precision", "bf16", "--gradient_checkpointing"])
+    run_in_process(
+        train_diffit,
+        [
+            "--model_config_name_or_path",
+            train_assets["unet"],
+            "--train_data_dir",
+            train_assets["gray"],
+            "--output_dir",
+            out,
+            "--train_batch_size",
+            4,
+            "--max_train_steps",
+            3,
+            "--checkpointing_steps",
+            3,
+            "--report_to",
+            "none",
+            "--use_ema",
+            "--mixed_precision",
+            "bf16",
+            "--gradient_checkpointing",
+        ],
+    )
     pipe = DiffiTPipeline.from_pretrained(out)
     assert type(pipe.scheduler).__name__ == "EDMHeunScheduler" and pipe.vae is None
     assert pipe.transformer.config.num_classes == 2 and pipe.config.num_inference_steps == 18
@@ -85,14 +131,50 @@ def test_image_space_unet_trains_with_edm_and_loads(train_assets):
 
 def test_cached_latents_train_exactly_like_encoding_on_the_fly(train_assets, tmp_path):
     latents = tmp_path / "latents"
-    run_in_process(precompute_latents, ["--vae", train_assets["vae"], "--train_data_dir", train_assets["rgb"], "--resolution", 16,
-                                        "--output_dir", latents])
-    common = ["--model_config_name_or_path", train_assets["transformer"], "--train_batch_size", 4, "--max_train_steps", 3,
-              "--checkpointing_steps", 100, "--report_to", "none", "--learning_rate", 1e-3]
-    run_in_process(train_diffit, [*common, "--latents_dir", latents, "--output_dir", tmp_path / "cached",
-                                  "--dataloader_num_workers", 2])  # workers reopen the shards; order is unchanged
-    run_in_process(train_diffit, [*common, "--train_data_dir", train_assets["rgb"], "--center_crop", "--vae", train_assets["vae"],
-                                  "--output_dir", tmp_path / "images"])
+    run_in_process(
+        precompute_latents,
+        [
+            "--vae",
+            train_assets["vae"],
+            "--train_data_dir",
+            train_assets["rgb"],
+            "--resolution",
+            16,
+            "--output_dir",
+            latents,
+        ],
+    )
+    common = [
+        "--model_config_name_or_path",
+        train_assets["transformer"],
+        "--train_batch_size",
+        4,
+        "--max_train_steps",
+        3,
+        "--checkpointing_steps",
+        100,
+        "--report_to",
+        "none",
+        "--learning_rate",
+        1e-3,
+    ]
+    run_in_process(
+        train_diffit,
+        [*common, "--latents_dir", latents, "--output_dir", tmp_path / "cached", "--dataloader_num_workers", 2],
+    )  # workers reopen the shards; order is unchanged
+    run_in_process(
+        train_diffit,
+        [
+            *common,
+            "--train_data_dir",
+            train_assets["rgb"],
+            "--center_crop",
+            "--vae",
+            train_assets["vae"],
+            "--output_dir",
+            tmp_path / "images",
+        ],
+    )
     cached = load_file(tmp_path / "cached" / "transformer" / "diffusion_pytorch_model.safetensors")
     images = load_file(tmp_path / "images" / "transformer" / "diffusion_pytorch_model.safetensors")
     start = tiny_transformer(num_classes=3).state_dict()
@@ -109,11 +191,24 @@ def test_cached_latents_train_exactly_like_encoding_on_the_fly(train_assets, tmp
 
 
 def test_objective_must_fit_the_scheduler_of_the_written_pipeline(latent_run, train_assets, tmp_path):
-    with pytest.raises(ValueError, match="trains a 'edm' denoiser, but the written pipeline would sample with "
-                                         "DDPMScheduler"):
-        run_in_process(train_diffit, ["--pretrained_model_name_or_path", latent_run, "--objective", "edm",
-                                      "--train_data_dir", train_assets["rgb"], "--output_dir", tmp_path,
-                                      "--report_to", "none"])
+    with pytest.raises(
+        ValueError, match="trains a 'edm' denoiser, but the written pipeline would sample with DDPMScheduler"
+    ):
+        run_in_process(
+            train_diffit,
+            [
+                "--pretrained_model_name_or_path",
+                latent_run,
+                "--objective",
+                "edm",
+                "--train_data_dir",
+                train_assets["rgb"],
+                "--output_dir",
+                tmp_path,
+                "--report_to",
+                "none",
+            ],
+        )
 
 
 @pytest.mark.parametrize("label_dropout", [0.0, 0.5])
@@ -121,10 +216,29 @@ def test_label_dropout_trains_the_null_class_row(train_assets, tmp_path, label_d
     """Dropped labels become the null class, whose row of the label table then trains; without dropout it never
     sees a gradient. The model's own dropout is off: the script drops labels, the same way for every architecture."""
     out = tmp_path / "run"
-    run_in_process(train_diffit, ["--model_config_name_or_path", train_assets["unet"], "--train_data_dir",
-                                  train_assets["gray"], "--output_dir", out, "--train_batch_size", 4,
-                                  "--max_train_steps", 2, "--learning_rate", 1e-2, "--label_dropout", label_dropout,
-                                  "--checkpointing_steps", 100, "--report_to", "none"])
+    run_in_process(
+        train_diffit,
+        [
+            "--model_config_name_or_path",
+            train_assets["unet"],
+            "--train_data_dir",
+            train_assets["gray"],
+            "--output_dir",
+            out,
+            "--train_batch_size",
+            4,
+            "--max_train_steps",
+            2,
+            "--learning_rate",
+            1e-2,
+            "--label_dropout",
+            label_dropout,
+            "--checkpointing_steps",
+            100,
+            "--report_to",
+            "none",
+        ],
+    )
     trained = DiffiTUNet2DModel.from_pretrained(out, subfolder="transformer")
     torch.manual_seed(0)  # train_diffit's initialisation: set_seed(--seed 0) before building the model
     start = DiffiTUNet2DModel.from_config(trained.config)
@@ -142,10 +256,21 @@ def test_digits_recipe_trains_both_architectures_into_pipelines_with_the_shipped
     monkeypatch.chdir(ROOT)
     write_digits_folder(tmp_path / "data")
     short = ["--train_data_dir", tmp_path / "data", "--max_train_steps", 2, "--train_batch_size", 8]
-    run_in_process(train_diffit, ["@examples/digits.args", *short, "--output_dir", tmp_path / "diffit",
-                                  "--config_overrides", "block_out_channels=[16,32,32]", "time_embedding_dim=32"])
-    run_in_process(train_diffit, ["@examples/digits.args", *short, "--output_dir", tmp_path / "unet",
-                                  "--architecture", "unet"])
+    run_in_process(
+        train_diffit,
+        [
+            "@examples/digits.args",
+            *short,
+            "--output_dir",
+            tmp_path / "diffit",
+            "--config_overrides",
+            "block_out_channels=[16,32,32]",
+            "time_embedding_dim=32",
+        ],
+    )
+    run_in_process(
+        train_diffit, ["@examples/digits.args", *short, "--output_dir", tmp_path / "unet", "--architecture", "unet"]
+    )
     shipped = DiffiTPipeline.from_pretrained(ROOT / "diffusers_diffit" / "embedded" / "digits")
     for name, model_cls in (("diffit", DiffiTUNet2DModel), ("unet", UNet2DModel)):
         pipe = DiffiTPipeline.from_pretrained(tmp_path / name)
@@ -157,7 +282,10 @@ def test_digits_recipe_trains_both_architectures_into_pipelines_with_the_shipped
         images = pipe([3, 7], num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
         assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
     config = DiffiTPipeline.from_pretrained(tmp_path / "diffit").transformer.config
-    assert list(config.block_out_channels) == [16, 32, 32] and config.window_size == shipped.transformer.config.window_size
+    assert (
+        list(config.block_out_channels) == [16, 32, 32]
+        and config.window_size == shipped.transformer.config.window_size
+    )
 
 
 def test_named_digits_config_is_the_shipped_model():
@@ -166,15 +294,34 @@ def test_named_digits_config_is_the_shipped_model():
     built = model_cls.from_config(config).config
     assert model_cls is DiffiTUNet2DModel
     assert {k: built[k] for k in shipped if not k.startswith("_")} == {
-        k: tuple(v) if isinstance(v, list) else v for k, v in shipped.items() if not k.startswith("_")}
+        k: tuple(v) if isinstance(v, list) else v for k, v in shipped.items() if not k.startswith("_")
+    }
 
 
 def test_finetuning_with_other_classes_applies_the_label_rule(train_assets, latent_run, tmp_path):
     data = write_image_folder(tmp_path / "data", ["bird", "dog"], per_class=2)
     out = tmp_path / "finetuned"
-    run_in_process(train_diffit, ["--pretrained_model_name_or_path", latent_run, "--train_data_dir", data,
-                                  "--output_dir", out, "--train_batch_size", 2, "--max_train_steps", 1,
-                                  "--learning_rate", 0, "--report_to", "none", "--checkpointing_steps", 100])
+    run_in_process(
+        train_diffit,
+        [
+            "--pretrained_model_name_or_path",
+            latent_run,
+            "--train_data_dir",
+            data,
+            "--output_dir",
+            out,
+            "--train_batch_size",
+            2,
+            "--max_train_steps",
+            1,
+            "--learning_rate",
+            0,
+            "--report_to",
+            "none",
+            "--checkpointing_steps",
+            100,
+        ],
+    )
     base = load_file(latent_run / "transformer" / "diffusion_pytorch_model.safetensors")
     tuned = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     key = "condition_embed.class_embedder.weight"
@@ -192,9 +339,27 @@ def test_finetuning_with_other_classes_applies_the_label_rule(train_assets, late
 def test_finetuning_to_unconditional_keeps_the_null_class_function(train_assets, latent_run, tmp_path):
     flat = write_image_folder(tmp_path / "data", ["x"], per_class=2) / "x"  # no class sub-folders
     out = tmp_path / "unconditional"
-    run_in_process(train_diffit, ["--pretrained_model_name_or_path", latent_run, "--train_data_dir", flat,
-                                  "--output_dir", out, "--train_batch_size", 2, "--max_train_steps", 1,
-                                  "--learning_rate", 0, "--report_to", "none", "--checkpointing_steps", 100])
+    run_in_process(
+        train_diffit,
+        [
+            "--pretrained_model_name_or_path",
+            latent_run,
+            "--train_data_dir",
+            flat,
+            "--output_dir",
+            out,
+            "--train_batch_size",
+            2,
+            "--max_train_steps",
+            1,
+            "--learning_rate",
+            0,
+            "--report_to",
+            "none",
+            "--checkpointing_steps",
+            100,
+        ],
+    )
     base = DiffiTTransformer2DModel.from_pretrained(latent_run, subfolder="transformer").eval()
     tuned = DiffiTTransformer2DModel.from_pretrained(out, subfolder="transformer").eval()
     assert tuned.config.num_classes == 0
@@ -212,9 +377,27 @@ def test_loss_decreases_on_a_trivial_dataset(train_assets, tmp_path):
         for i in range(4):
             Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(data / str(c) / f"{i}.png")
     out = tmp_path / "out"
-    run_in_process(train_diffit, ["--model_config_name_or_path", train_assets["unet"], "--train_data_dir", data,
-                                  "--output_dir", out, "--train_batch_size", 8, "--max_train_steps", 40,
-                                  "--learning_rate", 3e-3, "--checkpointing_steps", 100, "--report_to", "none"])
+    run_in_process(
+        train_diffit,
+        [
+            "--model_config_name_or_path",
+            train_assets["unet"],
+            "--train_data_dir",
+            data,
+            "--output_dir",
+            out,
+            "--train_batch_size",
+            8,
+            "--max_train_steps",
+            40,
+            "--learning_rate",
+            3e-3,
+            "--checkpointing_steps",
+            100,
+            "--report_to",
+            "none",
+        ],
+    )
     trained = DiffiTUNet2DModel.from_pretrained(out, subfolder="transformer")
     untrained = DiffiTUNet2DModel.from_config(trained.config)  # zero-initialised head: D(x; σ) = c_skip·x
     clean = torch.tensor([-1 + 2 * 40 / 255, -1 + 2 * 210 / 255]).repeat(128).view(-1, 1, 1, 1).expand(-1, 1, 8, 8)
@@ -230,30 +413,74 @@ def test_loss_decreases_on_a_trivial_dataset(train_assets, tmp_path):
 
 def test_bad_arguments_fail_clearly(train_assets, tmp_path):
     with pytest.raises(ValueError, match="--resolution"):
-        run_in_process(train_diffit, latent_args(train_assets, tmp_path / "a", "--resolution", 32, "--max_train_steps", 1))
+        run_in_process(
+            train_diffit, latent_args(train_assets, tmp_path / "a", "--resolution", 32, "--max_train_steps", 1)
+        )
     with pytest.raises(ValueError, match="smaller than the dataset"):
-        run_in_process(train_diffit, latent_args(train_assets, tmp_path / "b", "--num_classes", 2, "--max_train_steps", 1))
+        run_in_process(
+            train_diffit, latent_args(train_assets, tmp_path / "b", "--num_classes", 2, "--max_train_steps", 1)
+        )
     with pytest.raises(ValueError, match="validation_labels"):
-        run_in_process(train_diffit, latent_args(train_assets, tmp_path / "e", "--validation_steps", 1,
-                                                 "--validation_labels", 3))
+        run_in_process(
+            train_diffit, latent_args(train_assets, tmp_path / "e", "--validation_steps", 1, "--validation_labels", 3)
+        )
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        run_in_process(train_diffit, latent_args(train_assets, tmp_path / "c", "--max_train_steps", 1,
-                                                 "--resume_from_checkpoint", tmp_path))
+        run_in_process(
+            train_diffit,
+            latent_args(train_assets, tmp_path / "c", "--max_train_steps", 1, "--resume_from_checkpoint", tmp_path),
+        )
     with pytest.raises(ValueError, match="allowed"):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({"_class_name": "VQModel"}))
-        run_in_process(train_diffit, ["--model_config_name_or_path", bad, "--train_data_dir", train_assets["rgb"],
-                                      "--output_dir", tmp_path / "d", "--report_to", "none"])
+        run_in_process(
+            train_diffit,
+            [
+                "--model_config_name_or_path",
+                bad,
+                "--train_data_dir",
+                train_assets["rgb"],
+                "--output_dir",
+                tmp_path / "d",
+                "--report_to",
+                "none",
+            ],
+        )
     with pytest.raises(ValueError, match="not UNet2DModel config entries"):
-        run_in_process(train_diffit, ["--model_config_name_or_path", "DiffiT-digits", "--architecture", "unet",
-                                      "--config_overrides", "window_size=8", "--train_data_dir", train_assets["gray"],
-                                      "--output_dir", tmp_path / "f", "--report_to", "none"])
+        run_in_process(
+            train_diffit,
+            [
+                "--model_config_name_or_path",
+                "DiffiT-digits",
+                "--architecture",
+                "unet",
+                "--config_overrides",
+                "window_size=8",
+                "--train_data_dir",
+                train_assets["gray"],
+                "--output_dir",
+                tmp_path / "f",
+                "--report_to",
+                "none",
+            ],
+        )
     with pytest.raises(ValueError, match="has no config named 'DiffiT-CIFAR10'"):
-        run_in_process(train_diffit, ["--model_config_name_or_path", "DiffiT-CIFAR10", "--architecture", "unet",
-                                      "--train_data_dir", train_assets["gray"], "--output_dir", tmp_path / "g"])
+        run_in_process(
+            train_diffit,
+            [
+                "--model_config_name_or_path",
+                "DiffiT-CIFAR10",
+                "--architecture",
+                "unet",
+                "--train_data_dir",
+                train_assets["gray"],
+                "--output_dir",
+                tmp_path / "g",
+            ],
+        )
     with pytest.raises(SystemExit):  # not JSON
-        train_diffit.parse_args(["--model_config_name_or_path", "x", "--train_data_dir", "a",
-                                 "--config_overrides", "window_size=eight"])
+        train_diffit.parse_args(
+            ["--model_config_name_or_path", "x", "--train_data_dir", "a", "--config_overrides", "window_size=eight"]
+        )
     with pytest.raises(SystemExit):  # two data sources
         train_diffit.parse_args(["--model_config_name_or_path", "x", "--train_data_dir", "a", "--latents_dir", "b"])
 
@@ -264,7 +491,12 @@ def test_bad_arguments_fail_clearly(train_assets, tmp_path):
 
 
 def run_subprocess(argv: list, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "tests" / "kill_and_resume.py"), str(EXAMPLES / "train_diffit.py"), *map(str, argv)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "kill_and_resume.py"),
+        str(EXAMPLES / "train_diffit.py"),
+        *map(str, argv),
+    ]
     return subprocess.run(cmd, env={**ENV, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -274,7 +506,9 @@ def read_run(out: Path, step: int) -> dict[str, torch.Tensor]:
     final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     tensors = {f"final.{k}": v for k, v in final.items()}
     for name in ("model", "model_ema"):
-        tensors |= {f"{name}.{k}": v for k, v in load_file(ckpt / name / "diffusion_pytorch_model.safetensors").items()}
+        tensors |= {
+            f"{name}.{k}": v for k, v in load_file(ckpt / name / "diffusion_pytorch_model.safetensors").items()
+        }
     optimizer = torch.load(ckpt / "optimizer.bin", weights_only=True)
     for i, state in optimizer["state"].items():
         tensors |= {f"adam.{i}.{k}": torch.as_tensor(v, dtype=torch.float64) for k, v in state.items()}
@@ -288,11 +522,40 @@ def read_run(out: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(train_assets, tmp_path):
     steps = 8  # 6 micro-batches of 2 per epoch, 2 per step: 3 steps per epoch, resumes land mid-epoch
-    args = ["--model_config_name_or_path", train_assets["transformer"], "--vae", train_assets["vae"], "--train_data_dir", train_assets["rgb"],
-            "--train_batch_size", 2, "--gradient_accumulation_steps", 2, "--max_train_steps", steps,
-            "--checkpointing_steps", 2, "--checkpoints_total_limit", 2, "--use_ema", "--ema_decay", 0.9,
-            "--random_flip", "--learning_rate", 1e-3, "--lr_scheduler", "cosine", "--lr_warmup_steps", 2,
-            "--validation_steps", 3, "--validation_inference_steps", 2, "--report_to", "none"]
+    args = [
+        "--model_config_name_or_path",
+        train_assets["transformer"],
+        "--vae",
+        train_assets["vae"],
+        "--train_data_dir",
+        train_assets["rgb"],
+        "--train_batch_size",
+        2,
+        "--gradient_accumulation_steps",
+        2,
+        "--max_train_steps",
+        steps,
+        "--checkpointing_steps",
+        2,
+        "--checkpoints_total_limit",
+        2,
+        "--use_ema",
+        "--ema_decay",
+        0.9,
+        "--random_flip",
+        "--learning_rate",
+        1e-3,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        2,
+        "--validation_steps",
+        3,
+        "--validation_inference_steps",
+        2,
+        "--report_to",
+        "none",
+    ]
     reference = tmp_path / "reference"
     run_in_process(train_diffit, [*args, "--output_dir", reference])
 
@@ -319,7 +582,9 @@ def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(t
     worst = max((expected[k].double() - got[k].double()).abs().max().item() for k in expected)
     assert worst <= 1e-6, f"max |Δ| = {worst} (write kill {write}, time kills {delays})"
     assert not list(out.glob(".tmp-*")) and [p.name for p in sorted(out.glob("checkpoint-*"))] == [
-        "checkpoint-6", "checkpoint-8"]
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
 
 
 def _free_port() -> int:
@@ -331,18 +596,49 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_cpu_processes_with_accelerate_launch(train_assets, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(EXAMPLES / "train_diffit.py"),
-           *map(str, latent_args(train_assets, out, "--train_batch_size", 2, "--max_train_steps", 3,
-                                 "--checkpointing_steps", 3, "--use_ema", "--validation_steps", 3,
-                                 "--validation_inference_steps", 2))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(EXAMPLES / "train_diffit.py"),
+        *map(
+            str,
+            latent_args(
+                train_assets,
+                out,
+                "--train_batch_size",
+                2,
+                "--max_train_steps",
+                3,
+                "--checkpointing_steps",
+                3,
+                "--use_ema",
+                "--validation_steps",
+                3,
+                "--validation_inference_steps",
+                2,
+            ),
+        ),
+    ]
     result = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch 2 × 2 processes" in result.stderr
     assert result.stderr.count("Saved the pipeline") == 1  # the main process writes the result, logs and grids
-    assert {p.name for p in (out / "checkpoint-3").glob("random_states_*")} == {"random_states_0.pkl",
-                                                                                 "random_states_1.pkl"}
+    assert {p.name for p in (out / "checkpoint-3").glob("random_states_*")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
     assert len(list((out / "samples").glob("*.png"))) == 1
     images = DiffiTPipeline.from_pretrained(out)(class_labels=[2], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 3)

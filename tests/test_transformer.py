@@ -15,8 +15,16 @@ TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3,
 
 
 def tiny_model(**overrides) -> DiffiTTransformer2DModel:
-    config = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
-                  attention_head_dim=16, num_classes=10)
+    config = dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        num_classes=10,
+    )
     return DiffiTTransformer2DModel(**{**config, **overrides}).eval()
 
 
@@ -58,11 +66,13 @@ def test_pt_wrappers_and_missing_index(reference, tmp_path):
     no_index = randomize_(ReferenceDiffiT(**TINY, with_index=False)).eval()
     assert not any("relative_position_index" in k for k in no_index.state_dict())
     x, t, y = inputs()
-    for i, wrap in enumerate([
-        lambda sd: {"ema": sd, "opt": {"lr": torch.tensor(1.0)}},
-        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
-        lambda sd: {f"ema.{k}": v for k, v in sd.items()},
-    ]):
+    for i, wrap in enumerate(
+        [
+            lambda sd: {"ema": sd, "opt": {"lr": torch.tensor(1.0)}},
+            lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+            lambda sd: {f"ema.{k}": v for k, v in sd.items()},
+        ]
+    ):
         path = tmp_path / f"ckpt{i}.pt"
         torch.save(wrap(no_index.state_dict()), path)
         model = DiffiTTransformer2DModel.from_single_file(path)
@@ -71,7 +81,9 @@ def test_pt_wrappers_and_missing_index(reference, tmp_path):
 
 
 def test_from_single_file_dtype_and_overrides(official_file):
-    model = DiffiTTransformer2DModel.from_single_file(official_file, torch_dtype=torch.bfloat16, class_dropout_prob=0.0)
+    model = DiffiTTransformer2DModel.from_single_file(
+        official_file, torch_dtype=torch.bfloat16, class_dropout_prob=0.0
+    )
     assert model.dtype == torch.bfloat16 and model.config.class_dropout_prob == 0.0
     model = DiffiTTransformer2DModel.from_single_file(official_file, dtype=torch.float16)
     assert model.dtype == torch.float16 and "dtype" not in model.config
@@ -80,8 +92,10 @@ def test_from_single_file_dtype_and_overrides(official_file):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoint_loads(reference, tmp_path, dtype):
     """A checkpoint saved in half precision carries a rounded sin-cos `pos_embed`; it is still recognised."""
-    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in reference.state_dict().items()},
-              tmp_path / "half.safetensors")
+    save_file(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in reference.state_dict().items()},
+        tmp_path / "half.safetensors",
+    )
     model = DiffiTTransformer2DModel.from_single_file(tmp_path / "half.safetensors", torch_dtype=torch.float32)
     x, t, y = inputs()
     with torch.no_grad():

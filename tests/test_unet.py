@@ -62,8 +62,9 @@ def test_attention_gets_row_major_windows_and_their_count():
 
 @pytest.mark.parametrize("shape", [(8, 8), (8, 16), (16, 4)])
 def test_resblock_matches_per_window_loop(shape):
-    block = DiffiTResBlock(12, 16, window_size=4, attention_head_dim=8, time_embed_dim=10, mlp_ratio=4.0,
-                           dropout=0.0, norm_num_groups=32).eval()
+    block = DiffiTResBlock(
+        12, 16, window_size=4, attention_head_dim=8, time_embed_dim=10, mlp_ratio=4.0, dropout=0.0, norm_num_groups=32
+    ).eval()
     x, temb = torch.randn(3, 12, *shape), torch.randn(3, 10)
     torch.testing.assert_close(block(x, temb), reference_resblock(block, x, temb), rtol=1e-4, atol=1e-5)
 
@@ -89,7 +90,9 @@ def test_window_plan_map_no_larger_than_window_is_global():
 
 def test_every_block_has_its_own_bias_table():
     model = tiny_model(layers_per_block=2)
-    tables = [m.transformer.attn.relative_position_bias_table for m in model.modules() if isinstance(m, DiffiTResBlock)]
+    tables = [
+        m.transformer.attn.relative_position_bias_table for m in model.modules() if isinstance(m, DiffiTResBlock)
+    ]
     assert len(tables) == 2 * 2 * 3  # encoder + decoder, 2 per level, 3 levels
     assert len({t.data_ptr() for t in tables}) == len(tables)
     assert len({n for n, _ in model.named_parameters() if n.endswith("relative_position_bias_table")}) == len(tables)

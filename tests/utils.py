@@ -21,16 +21,27 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # A latent DiffiT with learned variance on the 8×8 latents of `tiny_vae` (16-px images).
-TINY_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-                        attention_head_dim=8)
+TINY_TRANSFORMER = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=8,
+)
 
 
 def tiny_vae() -> AutoencoderKL:
     """An SD-style `AutoencoderKL` with 4 latent channels that downsamples ×2 (16-px images <-> 8×8 latents)."""
     torch.manual_seed(0)
     return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
     ).eval()
 
 

@@ -162,7 +162,9 @@ class ImageDataset(_SeededDataset):
             raise ImportError("`--dataset_name` needs the `datasets` package: pip install datasets") from e
         data = datasets.load_dataset(dataset_name, config_name, split=split, cache_dir=cache_dir)
         if image_column not in data.column_names:
-            raise ValueError(f"`image_column` {image_column!r} is not a column of {dataset_name}: {data.column_names}.")
+            raise ValueError(
+                f"`image_column` {image_column!r} is not a column of {dataset_name}: {data.column_names}."
+            )
         if label_column is not None and label_column in data.column_names:
             labels = data[label_column]
             feature = data.features[label_column]

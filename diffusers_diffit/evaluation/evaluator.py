@@ -36,8 +36,14 @@ logger = logging.getLogger(__name__)
 METRICS = ("fid", "sfid", "is", "precision", "recall", "fd_dinov2")
 DEFAULT_METRICS = ("fid", "sfid", "is", "precision", "recall")
 # metric -> the feature it is computed on
-FEATURE_OF = {"fid": "pool", "sfid": "spatial", "is": "logits", "precision": "pool", "recall": "pool",
-              "fd_dinov2": "dinov2"}
+FEATURE_OF = {
+    "fid": "pool",
+    "sfid": "spatial",
+    "is": "logits",
+    "precision": "pool",
+    "recall": "pool",
+    "fd_dinov2": "dinov2",
+}
 # ADM's npz keys of precomputed reference statistics, by feature (dinov2: this package's extension)
 STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"), "dinov2": ("mu_dinov2", "sigma_dinov2")}
 
@@ -106,8 +112,9 @@ def compute_metrics(
         elif "precision" not in result:  # precision and recall come from one comparison
             if not isinstance(reference.get(feature), np.ndarray):
                 raise ValueError(f"`{metric}` needs the reference images' {feature!r} features, not statistics.")
-            result["precision"], result["recall"] = precision_recall(reference[feature], samples[feature], k=k,
-                                                                     device=device)
+            result["precision"], result["recall"] = precision_recall(
+                reference[feature], samples[feature], k=k, device=device
+            )
     return {m: result[m] for m in metrics}
 
 
@@ -130,8 +137,10 @@ def evaluate(
     if {"precision", "recall"} & set(metrics):
         need_reference.add("pool")
     if need_reference and not has_images(reference):
-        raise ValueError(f"`--reference` {str(reference)!r} has no images (`arr_0`) but {sorted(need_reference)} "
-                         f"features of them are needed for {','.join(metrics)}.")
+        raise ValueError(
+            f"`--reference` {str(reference)!r} has no images (`arr_0`) but {sorted(need_reference)} "
+            f"features of them are needed for {','.join(metrics)}."
+        )
     sample_images, reference_images = load_images(samples, "--samples"), None
     if need_reference:
         reference_images = load_images(reference, "--reference")
@@ -160,16 +169,23 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--samples", required=True, help="ADM npz (arr_0: uint8 [N, H, W, 3]) or a folder of images")
-    parser.add_argument("--reference", required=True,
-                        help="reference npz (e.g. VIRTUAL_imagenet256_labeled.npz; its mu/sigma/mu_s/sigma_s are "
-                             "used when present) or a folder of images")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                        help=f"comma-separated, from {','.join(METRICS)}")
+    parser.add_argument(
+        "--reference",
+        required=True,
+        help="reference npz (e.g. VIRTUAL_imagenet256_labeled.npz; its mu/sigma/mu_s/sigma_s are "
+        "used when present) or a folder of images",
+    )
+    parser.add_argument(
+        "--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated, from {','.join(METRICS)}"
+    )
     parser.add_argument("--batch-size", type=int, default=100, help="images per feature-extraction batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--inception-weights", default=None,
-                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
-                             "$DIFFIT_INCEPTION_WEIGHTS, then torch's hub cache)")
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
+        "$DIFFIT_INCEPTION_WEIGHTS, then torch's hub cache)",
+    )
     parser.add_argument("--dinov2-model", default=DEFAULT_DINOV2, help="Dinov2Model folder or Hub id, for fd_dinov2")
     parser.add_argument("--output", type=Path, default=None, help="write the metrics as JSON here")
     return parser
@@ -205,9 +221,16 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     """`diffit evaluate`: validate, evaluate (split across processes under `accelerate launch`), print and save."""
     metrics = check_evaluate_args(args)
     state = process_state()
-    result = evaluate(args.samples, args.reference, metrics, args.batch_size,
-                      args.device if state.num_processes == 1 else state.device, args.inception_weights,
-                      args.dinov2_model, distributed=state.num_processes > 1)
+    result = evaluate(
+        args.samples,
+        args.reference,
+        metrics,
+        args.batch_size,
+        args.device if state.num_processes == 1 else state.device,
+        args.inception_weights,
+        args.dinov2_model,
+        distributed=state.num_processes > 1,
+    )
     if state.is_main_process:
         for name in metrics:
             logger.info("%s: %.6g", name, result[name])

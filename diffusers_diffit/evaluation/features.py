@@ -196,8 +196,9 @@ def extract_features(
         outputs.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
     if not outputs:  # a process with an empty share (more processes than images)
         probe = extractor(torch.from_numpy(np.array(images[:1])).to(device).permute(0, 3, 1, 2))
-        outputs.append({k: v[:0].float().cpu() for k, v in probe.items()} if isinstance(probe, dict)
-                       else probe[:0].float().cpu())
+        outputs.append(
+            {k: v[:0].float().cpu() for k, v in probe.items()} if isinstance(probe, dict) else probe[:0].float().cpu()
+        )
     if isinstance(outputs[0], dict):
         features = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
     else:
@@ -218,8 +219,10 @@ def process_state():
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
-        raise ValueError(f"{launched} processes were launched but accelerate runs {state.num_processes}; on CPUs "
-                         "launch with ACCELERATE_USE_CPU=1.")
+        raise ValueError(
+            f"{launched} processes were launched but accelerate runs {state.num_processes}; on CPUs "
+            "launch with ACCELERATE_USE_CPU=1."
+        )
     return state
 
 

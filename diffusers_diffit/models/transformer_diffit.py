@@ -136,7 +136,8 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         batch, _, height, width = hidden_states.shape
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(
-                f"`hidden_states` height and width must be divisible by patch_size={cfg.patch_size}, got {height}x{width}."
+                f"`hidden_states` height and width must be divisible by patch_size={cfg.patch_size}, "
+                f"got {height}x{width}."
             )
         if (height, width) != (cfg.sample_size, cfg.sample_size):
             raise ValueError(

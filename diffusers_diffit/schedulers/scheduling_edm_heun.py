@@ -68,8 +68,16 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         s_tmax: float | None = None,
         s_noise: float = 1.0,
     ):
-        values = dict(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, s_churn=s_churn,
-                      s_tmin=s_tmin, s_noise=s_noise, **({} if s_tmax is None else {"s_tmax": s_tmax}))
+        values = dict(
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            sigma_data=sigma_data,
+            rho=rho,
+            s_churn=s_churn,
+            s_tmin=s_tmin,
+            s_noise=s_noise,
+            **({} if s_tmax is None else {"s_tmax": s_tmax}),
+        )
         not_finite = {k: v for k, v in values.items() if not is_finite_number(v)}
         if not_finite:
             raise ValueError(
