@@ -580,6 +580,7 @@ def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(t
     expected, got = read_run(reference, steps), read_run(out, steps)
     assert expected.keys() == got.keys()
     worst = max((expected[k].double() - got[k].double()).abs().max().item() for k in expected)
+    print(f"resume: max |Δ| over {len(expected)} tensors = {worst:.3g} (write kill {write}, time kills {delays})")
     assert worst <= 1e-6, f"max |Δ| = {worst} (write kill {write}, time kills {delays})"
     assert not list(out.glob(".tmp-*")) and [p.name for p in sorted(out.glob("checkpoint-*"))] == [
         "checkpoint-6",
