@@ -207,6 +207,8 @@ def parse_args(argv=None):
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.latents_dir and args.center_crop:
         p.error("--center_crop does not apply to --latents_dir (latents were cropped when they were encoded)")
+    if args.recipe_from and not (Path(args.recipe_from) / "model_index.json").is_file():
+        p.error(f"--recipe_from {args.recipe_from!r} is not a pipeline folder (no model_index.json)")
     if args.pretrained_model_name_or_path and (args.architecture != "diffit" or args.config_overrides):
         p.error("--architecture and --config_overrides apply to training from scratch only")
     try:

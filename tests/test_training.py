@@ -481,6 +481,10 @@ def test_bad_arguments_fail_clearly(train_assets, tmp_path):
         train_diffit.parse_args(
             ["--model_config_name_or_path", "x", "--train_data_dir", "a", "--config_overrides", "window_size=eight"]
         )
+    with pytest.raises(SystemExit):  # not a pipeline folder
+        train_diffit.parse_args(
+            ["--model_config_name_or_path", "x", "--train_data_dir", "a", "--recipe_from", str(tmp_path)]
+        )
     with pytest.raises(SystemExit):  # two data sources
         train_diffit.parse_args(["--model_config_name_or_path", "x", "--train_data_dir", "a", "--latents_dir", "b"])
 
