@@ -274,11 +274,11 @@ class Start:
 
     model_cls: type
     config: dict
-    objective: object
-    scheduler: object
-    recipe: dict
-    vae: object | None
     pipe: DiffiTPipeline | None = None
+    vae: object | None = None
+    objective: object = None  # set once the scheduler of the written pipeline is known
+    scheduler: object = None
+    recipe: dict | None = None
     license: str = "other"
     base_model: str | None = None  # a Hub id, for the model card
 
@@ -293,11 +293,8 @@ def starting_point(args) -> Start:
         start = Start(
             type(pipe.transformer),
             dict(pipe.transformer.config),
-            None,
-            None,
-            None,
-            pipe.vae,
             pipe,
+            pipe.vae,
             license=(ModelCard.load(card).data.license if card.is_file() else None) or "other",  # kept when tuning
             base_model=None
             if Path(args.pretrained_model_name_or_path).is_dir()
@@ -306,7 +303,7 @@ def starting_point(args) -> Start:
         default_objective = next(k for k, v in OBJECTIVES.items() if v.denoiser_type == pipe.denoiser_type)
     else:
         model_cls, config = scratch_config(args.model_config_name_or_path, args.architecture, args.config_overrides)
-        start = Start(model_cls, config, None, None, None, None)
+        start = Start(model_cls, config)
         default_objective = DEFAULT_OBJECTIVE[model_cls.__name__]
     objective_cls = OBJECTIVES[args.objective or default_objective]
     recipe_pipe = DiffiTPipeline.from_pretrained(args.recipe_from) if args.recipe_from else start.pipe
