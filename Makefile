@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample lint format browser test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo clean
+.PHONY: setup sample lint format browser test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo digits-latent clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,25 @@ space: setup
 
 demo: setup
 	$(PY) space_app/app.py
+
+# Rebuild the shipped latent model from scratch on the CPU (about DIGITS_LATENT_MINUTES on 2 cores): the digits at
+# 32 px, the VAE (examples/digits_vae.args), its latents, the transformer (examples/digits_latent.args, NVIDIA's
+# ddpm-hybrid objective), then the pipeline folder replaces diffusers_diffit/embedded/digits-latent.
+DIGITS_LATENT_WORK ?= outputs/digits-latent
+EMBEDDED_LATENT := diffusers_diffit/embedded/digits-latent
+digits-latent: setup
+	rm -rf $(DIGITS_LATENT_WORK)
+	$(PY) examples/prepare_digits.py $(DIGITS_LATENT_WORK)/images --resolution 32
+	$(PY) examples/train_autoencoder.py @examples/digits_vae.args --output_dir $(DIGITS_LATENT_WORK)/vae
+	$(PY) examples/precompute_latents.py --vae $(DIGITS_LATENT_WORK)/vae --train_data_dir $(DIGITS_LATENT_WORK)/images \
+		--resolution 32 --output_dir $(DIGITS_LATENT_WORK)/latents
+	$(PY) examples/train_diffit.py @examples/digits_latent.args --latents_dir $(DIGITS_LATENT_WORK)/latents \
+		--output_dir $(DIGITS_LATENT_WORK)/pipeline
+	rm -rf $(EMBEDDED_LATENT).new && mkdir -p $(EMBEDDED_LATENT).new
+	cp -r $(DIGITS_LATENT_WORK)/pipeline/model_index.json $(DIGITS_LATENT_WORK)/pipeline/README.md \
+		$(DIGITS_LATENT_WORK)/pipeline/scheduler $(DIGITS_LATENT_WORK)/pipeline/transformer \
+		$(DIGITS_LATENT_WORK)/pipeline/vae $(EMBEDDED_LATENT).new/
+	rm -rf $(EMBEDDED_LATENT) && mv $(EMBEDDED_LATENT).new $(EMBEDDED_LATENT)
 
 bench: setup
 	$(PY) -m benchmarks.bench_transformer

@@ -79,3 +79,16 @@ def dtype_name(text: str) -> str:
 def vae_scale_factor(vae) -> int:
     """Image side / latent side of an `AutoencoderKL` (1 for None: pixel space)."""
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the diffusion model's: (z − shift_factor) · scaling_factor (`shift_factor` None = 0, as in the
+    SD-VAE's config)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `normalize_latents`: the diffusion model's latents -> what the VAE decodes."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return latents / vae.config.scaling_factor + shift

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffusers_diffit.data import ImageDataset, load_vae
+from diffusers_diffit.data import ImageDataset, load_vae, vae_fingerprint
 from diffusers_diffit.utils import DTYPES, dtype_name, vae_scale_factor
 
 
@@ -71,8 +71,10 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    vae = load_vae(args.vae).to(accelerator.device).eval().requires_grad_(False)
+    channels = vae.config.in_channels  # 1 for a grayscale VAE, 3 for the SD-VAE
     if args.train_data_dir is not None:
-        dataset = ImageDataset.from_folder(args.train_data_dir, args.resolution, center_crop=True)
+        dataset = ImageDataset.from_folder(args.train_data_dir, args.resolution, channels=channels, center_crop=True)
     else:
         dataset = ImageDataset.from_hub(
             args.dataset_name,
@@ -82,11 +84,13 @@ def main(argv=None):
             label_column=args.label_column,
             config_name=args.dataset_config_name,
             cache_dir=args.cache_dir,
+            channels=channels,
             center_crop=True,
         )
-    vae = load_vae(args.vae).to(accelerator.device).eval().requires_grad_(False)
     settings = {
-        "vae": str(args.vae),
+        "vae": str(args.vae),  # as typed; a local folder is also recorded absolutely, for runs from other folders
+        "vae_path": str(Path(args.vae).resolve()) if Path(args.vae).is_dir() else None,
+        "vae_fingerprint": vae_fingerprint(vae),
         "source": str(args.train_data_dir or f"{args.dataset_name}:{args.dataset_split}"),
         "resolution": args.resolution,
         "flip": args.flip,
@@ -95,6 +99,7 @@ def main(argv=None):
         "num_items": len(dataset),
         "classes": dataset.classes,
         "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": getattr(vae.config, "shift_factor", None),
         "latent_channels": vae.config.latent_channels,
         "latent_size": args.resolution // vae_scale_factor(vae),
     }

@@ -21,16 +21,21 @@ the training images to 1/65535. Needs scikit-learn.
 import argparse
 from pathlib import Path
 
-from diffusers_diffit.data.digits import write_digits_folder
+from diffusers_diffit.data.digits import RESOLUTION, write_digits_folder
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", type=Path, help="the image folder to write (one sub-folder per digit)")
+    parser.add_argument(
+        "--resolution", type=int, default=RESOLUTION, help=f"image side (default {RESOLUTION}; digits-latent: 32)"
+    )
     args = parser.parse_args(argv)
+    if args.resolution < 8:
+        parser.error(f"--resolution must be >= 8 (the digits are 8x8), got {args.resolution}")
     if args.output_dir.exists() and any(args.output_dir.iterdir()):
         parser.error(f"output_dir {str(args.output_dir)!r} is not empty")
-    print(f"wrote {write_digits_folder(args.output_dir)} images to {args.output_dir}")
+    print(f"wrote {write_digits_folder(args.output_dir, args.resolution)} images to {args.output_dir}")
 
 
 if __name__ == "__main__":

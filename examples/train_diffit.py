@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +51,15 @@ from diffusers_diffit import (
     official_scheduler,
 )
 from diffusers_diffit.checkpointing import CheckpointManager, register_diffusers_hooks
-from diffusers_diffit.data import ImageDataset, LatentDataset, load_vae
-from diffusers_diffit.data.digits import DIGITS_CONFIGS
+from diffusers_diffit.data import ImageDataset, LatentDataset, latents_vae_location, load_vae, vae_fingerprint
+from diffusers_diffit.data.digits import DIGITS_CONFIGS, DIGITS_LATENT_CONFIG
 from diffusers_diffit.finetuning import default_class_map, resize_class_embedding, set_class_dropout_prob
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, download_pipeline, push_to_hub
 from diffusers_diffit.losses import OBJECTIVES
 from diffusers_diffit.pipelines import RECIPE_KEYS
 from diffusers_diffit.schedulers.compatibility import scheduler_support
 from diffusers_diffit.seeding import derive_seed
-from diffusers_diffit.utils import vae_scale_factor
+from diffusers_diffit.utils import normalize_latents, vae_scale_factor
 
 
 logger = get_logger(__name__)
@@ -69,6 +70,7 @@ NAMED_CONFIGS = {
     **{name: {"diffit": {"_class_name": "DiffiTTransformer2DModel", **c}} for name, c in DIFFIT_CONFIGS.items()},
     **{name: {"diffit": {"_class_name": "DiffiTUNet2DModel", **c}} for name, c in DIFFIT_UNET_CONFIGS.items()},
     "DiffiT-digits": DIGITS_CONFIGS,
+    "DiffiT-digits-latent": {"diffit": DIGITS_LATENT_CONFIG},
 }
 DEFAULT_OBJECTIVE = {"DiffiTTransformer2DModel": "ddpm-hybrid", "DiffiTUNet2DModel": "edm", "UNet2DModel": "edm"}
 
@@ -323,7 +325,7 @@ def starting_point(args) -> Start:
     if args.vae:
         start.vae = load_vae(args.vae)
     elif start.vae is None and args.latents_dir:  # the VAE the latents were made with
-        start.vae = load_vae(json.loads((Path(args.latents_dir) / "metadata.json").read_text())["vae"])
+        start.vae = load_vae(latents_vae_location(args.latents_dir))
     if start.vae is not None:
         if start.vae.config.latent_channels != start.config["in_channels"]:
             raise ValueError(
@@ -332,6 +334,28 @@ def starting_point(args) -> Start:
             )
         start.vae.requires_grad_(False).eval()
     return start
+
+
+def check_latents(latents_dir: str, metadata: dict, vae, resolution: int) -> None:
+    """Cached latents must come from this run's VAE (weights, scaling and shift factor: the fingerprint stored by
+    precompute_latents.py; caches without one are checked by their scaling factor) at this run's resolution."""
+    if metadata["resolution"] != resolution:
+        raise ValueError(
+            f"--latents_dir {latents_dir} was encoded at {metadata['resolution']} px; this run needs {resolution} px."
+        )
+    recorded = metadata.get("vae_fingerprint")
+    if recorded is not None and recorded != vae_fingerprint(vae):
+        raise ValueError(
+            f"--latents_dir {latents_dir} was encoded with another VAE ({metadata['vae']!r}, scaling factor "
+            f"{metadata['scaling_factor']}, shift factor {metadata.get('shift_factor')}) than this run's "
+            f"(scaling factor {vae.config.scaling_factor}, shift factor {vae.config.shift_factor}): encode the "
+            "latents again with this VAE, or train with theirs."
+        )
+    if recorded is None and metadata["scaling_factor"] != vae.config.scaling_factor:
+        raise ValueError(
+            f"--latents_dir {latents_dir} was encoded with scaling factor {metadata['scaling_factor']}; this run's "
+            f"VAE has {vae.config.scaling_factor}."
+        )
 
 
 def check_classes(args, classes: list[str] | None) -> tuple[int, dict | None]:
@@ -498,8 +522,6 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)  # the model's initialisation
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     start = starting_point(args)
     vae, config = start.vae, start.config
@@ -510,16 +532,12 @@ def main(argv=None):
             f"(sample_size {config['sample_size']}{' × the VAE factor' if vae else ''})."
         )
     dataset = build_dataset(args, resolution, vae.config.in_channels if vae is not None else config["in_channels"])
-    if args.latents_dir and (
-        dataset.metadata["resolution"] != resolution or dataset.metadata["scaling_factor"] != vae.config.scaling_factor
-    ):
-        raise ValueError(
-            f"--latents_dir {args.latents_dir} was encoded at {dataset.metadata['resolution']} px with "
-            f"scaling factor {dataset.metadata['scaling_factor']}; this run needs {resolution} px and "
-            f"{vae.config.scaling_factor}."
-        )
+    if args.latents_dir:
+        check_latents(args.latents_dir, dataset.metadata, vae, resolution)
     num_classes, id2label = check_classes(args, dataset.classes)
     model = build_model(args, start, dataset.classes, num_classes)
+    if accelerator.is_main_process:  # every check has passed: the first thing written
+        output_dir.mkdir(parents=True, exist_ok=True)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -595,11 +613,11 @@ def main(argv=None):
         generator = torch.Generator(accelerator.device).manual_seed(seed)
         torch.manual_seed(seed)  # randomness inside the model (dropout)
         if "moments" in batch:
-            x0 = DiagonalGaussianDistribution(batch["moments"]).sample(generator) * vae.config.scaling_factor
+            x0 = normalize_latents(vae, DiagonalGaussianDistribution(batch["moments"]).sample(generator))
         elif vae is not None:
             with torch.no_grad(), accelerator.autocast():
                 moments = vae.encode(batch["pixel_values"]).latent_dist.parameters.float()
-            x0 = DiagonalGaussianDistribution(moments).sample(generator) * vae.config.scaling_factor
+            x0 = normalize_latents(vae, DiagonalGaussianDistribution(moments).sample(generator))
         else:
             x0 = batch["pixel_values"]
         labels = None
@@ -712,4 +730,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # a bad argument or input, found before training: one line, exit status 2
+        print(f"train_diffit.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -26,7 +26,7 @@ from ..guidance import apply_guidance, check_guidance_recipe, guidance_weight, s
 from ..hub import HUB_DOWNLOAD_KWARGS, download_pipeline
 from ..labels import imagenet_id2label, lookup_label_ids, normalize_id2label
 from ..schedulers.compatibility import COMPATIBLE, check_scheduler, infer_denoiser_type, scheduler_class
-from ..utils import resolve_dtype, vae_scale_factor
+from ..utils import denormalize_latents, resolve_dtype, vae_scale_factor
 
 
 logger = logging.getLogger(__name__)
@@ -512,10 +512,7 @@ class DiffiTPipeline(DiffusionPipeline):
         """Final sample -> images in [-1, 1] (identity for pixel-space models)."""
         if self.vae is None:
             return latents
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        if getattr(self.vae.config, "shift_factor", None) is not None:
-            latents = latents + self.vae.config.shift_factor
-        return self.vae.decode(latents, return_dict=False)[0]
+        return self.vae.decode(denormalize_latents(self.vae, latents.to(self.vae.dtype)), return_dict=False)[0]
 
     @staticmethod
     def _postprocess(images: torch.Tensor, output_type: str):

@@ -7,6 +7,7 @@ prepared dataloader passes the epoch on through `set_epoch`. So every item of a 
 run would have seen.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -76,8 +77,17 @@ class _ImageFiles:
         self.paths = paths
 
     def __call__(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as image:
+        return read_image(self.paths[index])
+
+
+def read_image(path: Path) -> Image.Image:
+    """The decoded image at `path`; a file PIL cannot decode raises a `ValueError` naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
             return image.copy()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"{str(path)!r} is not a readable image: {e}") from None
 
 
 class _HubImages:
@@ -142,6 +152,7 @@ class ImageDataset(_SeededDataset):
             classes, files = None, [(f, 0) for f in images_in(root)]
         if not files:
             raise ValueError(f"`train_data_dir` {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        read_image(files[0][0])  # fail here, naming the file, rather than in the first batch
         return cls(_ImageFiles([f for f, _ in files]), [label for _, label in files], classes, resolution, **kwargs)
 
     @classmethod
@@ -184,6 +195,36 @@ def load_vae(name_or_path: str | os.PathLike) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(name_or_path)
     except EnvironmentError:
         return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
+
+
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """SHA-256 of a VAE's weights and of the latent normalisation of its config (`scaling_factor`, `shift_factor`):
+    what cached latents depend on. `precompute_latents.py` stores it; training compares it with the run's VAE."""
+    digest = hashlib.sha256()
+    config = {k: getattr(vae.config, k, None) for k in ("scaling_factor", "shift_factor")}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def latents_vae_location(latents_dir: str | os.PathLike) -> str:
+    """Where the VAE that `latents_dir` was encoded with is: its recorded path as it was typed, tried from the current
+    folder, then the absolute path recorded beside it (a run started from another folder), else the recorded text as a
+    Hub id. A recorded path found nowhere raises a `ValueError` naming it."""
+    metadata = json.loads((Path(latents_dir) / "metadata.json").read_text())
+    typed, absolute = metadata["vae"], metadata.get("vae_path")
+    if Path(typed).is_dir():
+        return typed
+    if absolute and Path(absolute).is_dir():
+        return absolute
+    if absolute:  # it was a local folder when the latents were made
+        raise ValueError(
+            f"The VAE the latents in {str(latents_dir)!r} were encoded with, {typed!r} (then at {absolute!r}), is not "
+            "there any more; pass it with --vae."
+        )
+    return typed
 
 
 class LatentDataset(_SeededDataset):

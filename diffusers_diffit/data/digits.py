@@ -57,6 +57,25 @@ DIGITS_CONFIGS = {
 }
 
 
+# The shipped latent model `digits-latent`: a DiffiTTransformer2DModel with learned variance on the 4×8×8 latents of
+# the digits VAE (32×32 images, spatial factor 4; examples/digits_vae.args), trained with NVIDIA's ddpm-hybrid
+# objective by examples/digits_latent.args.
+LATENT_RESOLUTION = 32
+DIGITS_LATENT_CONFIG = dict(
+    _class_name="DiffiTTransformer2DModel",
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    num_layers=6,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    mlp_ratio=4.0,
+    num_classes=NUM_CLASSES,
+    class_dropout_prob=0.0,
+)
+
+
 def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train ink [1297, 8, 8], train labels, held-out ink [500, 8, 8], held-out labels), ink in [0, 1]: 50 images
     per class, drawn at random with `seed`, are held out."""

@@ -54,17 +54,18 @@ class DigitsJudge:
 
 
 def sample_digit_ink(pipe, per_class: int, seed: int, **call_kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """`per_class` samples of every digit from a digits pipeline, one CPU generator seeded with `seed` -> (ink
-    [10·per_class, 8, 8], labels)."""
+    """`per_class` samples of every digit from a digits pipeline (pixel space, or latent with a VAE), one CPU
+    generator seeded with `seed` -> (ink [10·per_class, 8, 8], labels)."""
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
     images = pipe(
         list(range(NUM_CLASSES)),
         num_images_per_label=per_class,
         generator=torch.Generator().manual_seed(seed),
-        output_type="latent",  # pixel space: the raw final sample in [-1, 1]
+        # pixel space: the raw final sample in [-1, 1]; latent: the decoded images, [0, 1] back to [-1, 1]
+        output_type="latent" if pipe.vae is None else "pt",
         **call_kwargs,
     ).images
-    return model_to_ink(images), labels
+    return model_to_ink(images if pipe.vae is None else images * 2 - 1), labels
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
