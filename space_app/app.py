@@ -1,9 +1,14 @@
-"""Gradio Space: class-conditional sampling from a DiffiT pipeline.
+"""Gradio Space: class-conditional sampling from DiffiT pipelines, the user picking the model.
 
-The model is `DIFFIT_MODEL` (a Hub id or a local pipeline folder) when set, else the one named in
-`space_config.json` next to this file (written by `build_space.py`), else the digits model shipped inside
-`diffusers-diffit`, which samples on a CPU in well under a second. Run locally with `python space_app/app.py`
-(or `make demo`); `space_app/build_space.py` turns this file into a deployable Space.
+The Space serves `DIFFIT_MODEL` alone (a Hub id, a local pipeline folder, or the name of a model shipped in
+`diffusers-diffit`) when it is set, else the model named in `space_config.json` next to this file (written by
+`build_space.py`), else both models shipped inside `diffusers-diffit`: "digits" (a pixel-space DiffiT U-Net, the
+default) and "digits-latent" (a latent DiffiT transformer with its VAE), both small enough to sample on a CPU.
+The page's Model picker lists the served models (a single, fixed entry when one is configured); picking one switches
+the model line, the class, scheduler and guidance-schedule choices and the recipe controls to that model's, and the
+`/generate` API takes the model as its `model` input (default: the first one). Every served pipeline is loaded once,
+at start. Run locally with `python space_app/app.py` (or `make demo`); `space_app/build_space.py` turns this file into
+a deployable Space.
 
 Everything a request does is in plain functions (`generate`, `check_seed`, `resolve_classes`, ...) that raise
 `ValueError` with a readable message; `build_demo` only wires them to Gradio and turns those errors into `gr.Error`.
@@ -16,7 +21,7 @@ import os
 import random
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -30,6 +35,7 @@ from PIL import Image
 
 from diffusers_diffit import DiffiTPipeline, embedded_model_path
 from diffusers_diffit.cli import make_grid
+from diffusers_diffit.embedded import EMBEDDED_MODELS
 from diffusers_diffit.guidance import (
     GUIDANCE_SCHEDULES,
     describe_guidance_schedules,
@@ -44,7 +50,7 @@ logger = logging.getLogger("diffit-space")
 
 HERE = Path(__file__).resolve().parent
 SPACE_CONFIG = HERE / "space_config.json"
-PACKAGE_LICENSE = "apache-2.0"  # the licence of diffusers-diffit, and so of the digits model shipped inside it
+PACKAGE_LICENSE = "apache-2.0"  # the licence of diffusers-diffit, and so of the models shipped inside it
 IMAGENET_LICENSE = "cc-by-nc-sa-4.0"  # NVIDIA's DiffiT weights; converted repositories carry it
 PAPER_URL = "https://arxiv.org/abs/2312.02139"
 
@@ -72,26 +78,30 @@ _PIPE_LOCK = threading.Lock()
 
 @dataclass
 class ModelInfo:
-    """What the page says about the served model."""
+    """What the page says about a served model."""
 
-    model: str  # as given: a Hub id or a folder
-    name: str
+    model: str  # as given: the name of a model shipped in the package, a Hub id or a folder
+    name: str  # as the Model picker and the API name it: the shipped model's name, the Hub id or the folder's name
     license: str
     card_url: str | None  # None: no card online
     hub_id: str | None = None
+    embedded: bool = False  # shipped inside diffusers-diffit
+
+
+def space_config() -> dict:
+    """`space_config.json` next to this file (written by `build_space.py`), or {} without one."""
+    return json.loads(SPACE_CONFIG.read_text(encoding="utf-8")) if SPACE_CONFIG.is_file() else {}
 
 
 def configured_model() -> str | None:
-    """The model to serve: `DIFFIT_MODEL`, else `space_config.json`'s "model" (a folder relative to this file or a
-    Hub id), else None (the digits model shipped in the package)."""
+    """The one model to serve: `DIFFIT_MODEL`, else `space_config.json`'s "model" (a folder relative to this file or a
+    Hub id), else None (every model shipped in the package)."""
     if os.environ.get("DIFFIT_MODEL"):
         return os.environ["DIFFIT_MODEL"]
-    if SPACE_CONFIG.is_file():
-        model = json.loads(SPACE_CONFIG.read_text(encoding="utf-8")).get("model")
-        if model and (HERE / model).is_dir():
-            return str(HERE / model)
-        return model
-    return None
+    model = space_config().get("model")
+    if model and (HERE / model).is_dir():
+        return str(HERE / model)
+    return model
 
 
 def card_license(folder: str | os.PathLike) -> str | None:
@@ -105,49 +115,71 @@ def card_license(folder: str | os.PathLike) -> str | None:
 
 
 def model_license(folder: str | os.PathLike, num_classes: int, embedded: bool) -> str:
-    """The served model's licence: its card's, else the package's for the shipped model, else NVIDIA's weights'
-    licence for an ImageNet (1000-class) model, else "unknown"."""
+    """A served model's licence: the package's for a model shipped inside it, else its card's, else NVIDIA's
+    weights' licence for an ImageNet (1000-class) model, else "unknown"."""
+    if embedded:
+        return PACKAGE_LICENSE
     license = card_license(folder)
     if license:
         return license
-    if embedded:
-        return PACKAGE_LICENSE
     return IMAGENET_LICENSE if num_classes == 1000 else "unknown"
 
 
-def load_pipeline(model: str | None = None) -> tuple[DiffiTPipeline, ModelInfo]:
-    """The pipeline to serve (float16 on a GPU) and what the page says about it."""
-    from_space_config = model is None and not os.environ.get("DIFFIT_MODEL") and SPACE_CONFIG.is_file()
-    model = model or configured_model()
-    embedded = model is None
-    folder = embedded_model_path("digits") if embedded else download_pipeline(model)
+def load_pipeline(model: str, license: str | None = None) -> tuple[DiffiTPipeline, ModelInfo]:
+    """A pipeline to serve (float16 on a GPU) and what the page says about it. `model` is the name of a model shipped
+    in the package (one of `EMBEDDED_MODELS`), a Hub id or a local folder; `license`, when given, replaces the one
+    `model_license` finds."""
+    embedded = model in EMBEDDED_MODELS
+    folder = embedded_model_path(model) if embedded else download_pipeline(model)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     pipe = DiffiTPipeline.from_pretrained(folder, dtype=dtype).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     hub_id = None if embedded or os.path.isdir(model) else model
     info = ModelInfo(
-        model=model or "digits",
-        name="digits, shipped with diffusers-diffit" if embedded else (hub_id or Path(model).name),
-        license=(json.loads(SPACE_CONFIG.read_text(encoding="utf-8")).get("license") if from_space_config else None)
-        or model_license(folder, pipe.transformer.config.num_classes, embedded),
+        model=model,
+        name=model if embedded else (hub_id or Path(model).name),
+        license=license or model_license(folder, pipe.transformer.config.num_classes, embedded),
         card_url=PAPER_URL if embedded else (f"https://huggingface.co/{hub_id}" if hub_id else None),
         hub_id=hub_id,
+        embedded=embedded,
     )
     return pipe, info
+
+
+def load_pipelines() -> dict[str, tuple[DiffiTPipeline, ModelInfo]]:
+    """Every model the Space serves, loaded once, by the name the Model picker shows (the first is the default): the
+    configured model alone (`configured_model`), else the models shipped in the package (`EMBEDDED_MODELS`). The
+    licence in `space_config.json` applies unless `DIFFIT_MODEL` is set."""
+    model = configured_model()
+    license = None if os.environ.get("DIFFIT_MODEL") else space_config().get("license")
+    loaded = [load_pipeline(name, license) for name in ([model] if model else EMBEDDED_MODELS)]
+    return {info.name: (pipe, info) for pipe, info in loaded}
+
+
+def count_parameters(module: torch.nn.Module) -> float:
+    """Parameters of `module`, in millions."""
+    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 def describe_model(pipe: DiffiTPipeline, info: ModelInfo) -> str:
     """The model line of the page (markdown)."""
     config = pipe.transformer.config
-    params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
+    params = count_parameters(pipe.transformer)
     side = config.sample_size * pipe.vae_scale_factor
     classes = f"{config.num_classes} classes" if config.num_classes else "unconditional"
-    card = f"[model card]({info.card_url})" if info.card_url else "local folder, no card online"
-    if info.card_url == PAPER_URL:
+    if info.embedded:
+        network = (
+            f"a {params:.2f} M-parameter DiffiT U-Net"
+            if pipe.vae is None
+            else f"a {params:.2f} M-parameter latent DiffiT transformer with a "
+            f"{count_parameters(pipe.vae):.2f} M-parameter VAE,"
+        )
         card = (
-            f"a {params:.2f} M-parameter DiffiT U-Net trained on scikit-learn's 8×8 digits (16×16 px); "
+            f"{network} trained on scikit-learn's 8×8 digits ({side}×{side} px), shipped with diffusers-diffit; "
             f"[paper]({PAPER_URL})"
         )
+    else:
+        card = f"[model card]({info.card_url})" if info.card_url else "local folder, no card online"
     return (
         f"**Model:** `{info.name}` ({type(pipe.transformer).__name__}, {params:.2f} M parameters, "
         f"{side}×{side} px, {classes}) · **licence:** {info.license} · {card}"
@@ -231,48 +263,83 @@ def guidance_schedules(pipe: DiffiTPipeline) -> list[str]:
 
 
 @dataclass
-class Defaults:
-    """The model's saved recipe, as the controls' initial values."""
+class Values:
+    """Values of the request controls: a model's saved recipe (`recipe_defaults`) or an example (`example_rows`). The
+    fields are `check_request`'s arguments, in its order, which is also the `/generate` endpoint's ("model" last)."""
 
+    classes: list[str]
     images_per_class: int
     steps: int
     guidance_scale: float
     guidance_schedule: str
     scheduler: str = OWN_SCHEDULER
     seed: int = 0
-    classes: list[str] = field(default_factory=list)
+    randomize_seed: bool = False
 
 
-def recipe_defaults(pipe: DiffiTPipeline) -> Defaults:
-    choices = class_choices(pipe)
-    return Defaults(
+def recipe_defaults(pipe: DiffiTPipeline) -> Values:
+    """The model's saved recipe, as the controls' initial values."""
+    return Values(
+        classes=class_choices(pipe)[:2],
         images_per_class=4,
         steps=min(pipe.config.num_inference_steps, MAX_STEPS),
         guidance_scale=min(pipe.config.guidance_scale, MAX_GUIDANCE),
         guidance_schedule=guidance_schedules(pipe)[0],
-        classes=choices[:2],
     )
 
 
-def example_rows(pipe: DiffiTPipeline) -> list[list]:
-    """Examples for the page, in the order of `INPUT_NAMES`; on the digits model each takes about a second on a
-    CPU."""
+def example_rows(pipe: DiffiTPipeline) -> list[Values]:
+    """Examples for the model: its saved recipe, on a few classes and seeds."""
     d = recipe_defaults(pipe)
     choices = class_choices(pipe)
     wanted = ["golden retriever", "volcano", "lesser panda", "macaw", "7", "3", "1"]
     picked = [name for name in wanted if name in choices][:2] or choices[:2]
     presets = scheduler_presets(pipe.denoiser_type)
     # ImageNet's own recipe is 250 DDPM steps: the examples use DPM-Solver++ with 25 instead
-    fast_scheduler = "dpmsolver" if "dpmsolver" in presets and d.steps > 50 else OWN_SCHEDULER
-    fast_steps = 25 if fast_scheduler != OWN_SCHEDULER else d.steps
+    scheduler = "dpmsolver" if "dpmsolver" in presets and d.steps > 50 else OWN_SCHEDULER
+    recipe = dict(
+        steps=25 if scheduler != OWN_SCHEDULER else d.steps,
+        guidance_schedule=d.guidance_schedule,
+        scheduler=scheduler,
+    )
     rows = [
-        [picked, 4, fast_steps, d.guidance_scale, d.guidance_schedule, fast_scheduler, 0, False],
-        [choices[:8], 1, fast_steps, d.guidance_scale, d.guidance_schedule, fast_scheduler, 1, False],
+        Values(picked, 4, guidance_scale=d.guidance_scale, seed=0, **recipe),
+        Values(choices[:8], 1, guidance_scale=d.guidance_scale, seed=1, **recipe),
     ]
     if pipe.transformer.config.num_classes > 0:
-        rows.append([picked[:1], 4, fast_steps, d.guidance_scale + 1.0, d.guidance_schedule, fast_scheduler, 2, False])
-    rows.append([[], 4, fast_steps, d.guidance_scale, d.guidance_schedule, fast_scheduler, 3, False])
+        rows.append(Values(picked[:1], 4, guidance_scale=d.guidance_scale + 1.0, seed=2, **recipe))
+    rows.append(Values([], 4, guidance_scale=d.guidance_scale, seed=3, **recipe))
     return rows
+
+
+def model_controls(pipe: DiffiTPipeline, info: ModelInfo, values: Values | None = None) -> dict[str, dict]:
+    """Keyword arguments of the page's components that change with the model, by component: the model line, the
+    model's class, guidance-schedule and scheduler choices, and `values` (default: the model's saved recipe) for the
+    classes and the sampling settings."""
+    values = values or recipe_defaults(pipe)
+    choices = class_choices(pipe)
+    conditional = pipe.transformer.config.num_classes > 0
+    schedules = guidance_schedules(pipe)
+    return {
+        "description": dict(value=describe_model(pipe, info)),
+        "classes": dict(
+            choices=choices,
+            value=values.classes if conditional else [],
+            interactive=conditional,
+            info=(
+                f"Type to search the model's {len(choices)} classes; empty = unconditional samples."
+                if conditional
+                else "This model is unconditional."
+            ),
+        ),
+        "random_classes": dict(visible=conditional),
+        "steps": dict(value=values.steps),
+        "guidance_scale": dict(value=values.guidance_scale, interactive=conditional),
+        "guidance_schedule": dict(
+            choices=schedules, value=values.guidance_schedule, info=describe_guidance_schedules(schedules)
+        ),
+        "scheduler": dict(choices=scheduler_choices(pipe), value=values.scheduler),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,6 +387,11 @@ def check_choice(label: str, value, choices: list[str]) -> str:
     if value not in choices:
         raise ValueError(f"{label} must be one of {', '.join(map(str, choices))}; got {value!r}.")
     return value
+
+
+def pick_model(models: dict[str, tuple[DiffiTPipeline, ModelInfo]], model: str) -> tuple[DiffiTPipeline, ModelInfo]:
+    """The served pipeline (and its `ModelInfo`) a request names; `ValueError` for a model not served."""
+    return models[check_choice("Model", model, list(models))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -436,35 +508,41 @@ def generate(pipe: DiffiTPipeline, *args, on_step=None, **kwargs) -> Result:
 # ---------------------------------------------------------------------------------------------------------------------
 # The page
 
-INPUT_NAMES = (
-    "classes",
-    "images_per_class",
-    "steps",
-    "guidance_scale",
-    "guidance_schedule",
-    "scheduler",
-    "seed",
-    "randomize_seed",
-)
-
 
 def on_gpu(fn):
     """`spaces.GPU` on ZeroGPU hardware (the `spaces` package is there); unchanged elsewhere."""
     return spaces.GPU(duration=120)(fn) if spaces is not None else fn
 
 
-def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
+def example_cells(pipe: DiffiTPipeline, name: str, values: Values) -> list:
+    """An example of model `name` as the page's Examples table shows it: the model, classes, images per class, steps,
+    guidance scale, guidance schedule, scheduler (labelled as in the model's Scheduler choices) and seed."""
+    return [
+        name,
+        ", ".join(values.classes) or "none (unconditional)",
+        values.images_per_class,
+        values.steps,
+        values.guidance_scale,
+        values.guidance_schedule,
+        scheduler_label(pipe, values.scheduler),
+        values.seed,
+    ]
+
+
+def build_demo(models: dict[str, tuple[DiffiTPipeline, ModelInfo]]):
+    """The page for `models` (as `load_pipelines` returns them; the first is the default): a Model picker, the
+    request controls of the picked model, the images, and examples of every model."""
     import gradio as gr
 
-    info = info or ModelInfo(model="?", name="custom pipeline", license="unknown", card_url=None)
-    d = recipe_defaults(pipe)
-    choices = class_choices(pipe)
-    conditional = pipe.transformer.config.num_classes > 0
-    schedules = guidance_schedules(pipe)
+    default = next(iter(models))
+    examples = [(name, values) for name, (pipe, _) in models.items() for values in example_rows(pipe)]
 
-    def check(classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed):
+    def check(
+        classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed, model
+    ):
         """Runs before `run`, without outputs: a mistake shows as a message and the previous images stay."""
         try:
+            pipe, _ = pick_model(models, model)
             check_request(
                 pipe,
                 classes,
@@ -489,11 +567,13 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
         scheduler,
         seed,
         randomize_seed,
+        model,
         progress=gr.Progress(),
     ):
         """Sample images: returns the gallery (PNG files with their class names), the grid and the seed used."""
         progress(0, desc="Starting")
         try:
+            pipe, _ = pick_model(models, model)
             request = check_request(
                 pipe,
                 classes,
@@ -514,30 +594,36 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
             raise gr.Error("The GPU ran out of memory: ask for fewer images.", duration=None) from None
         return list(zip(result.images, result.captions)), result.grid, result.seed
 
+    d = recipe_defaults(models[default][0])
+    controls = model_controls(*models[default], d)
     with gr.Blocks(title="DiffiT") as demo:
         gr.Markdown(
             "# DiffiT: Diffusion Vision Transformers\n"
             "Class-conditional image generation with [DiffiT](" + PAPER_URL + ") (ECCV 2024) in diffusers "
-            "(`diffusers-diffit`).\n\n" + describe_model(pipe, info)
+            "(`diffusers-diffit`)."
         )
+        model = gr.Radio(
+            list(models),
+            value=default,
+            label="Model",
+            elem_id="model",
+            interactive=len(models) > 1,
+            info="Picking a model sets the classes and sampling settings to its own.",
+        )
+        description = gr.Markdown(**controls["description"], elem_id="model-description")
         with gr.Row():
             with gr.Column(scale=2):
                 classes = gr.Dropdown(
-                    choices,
-                    value=d.classes if conditional else [],
+                    **controls["classes"],
                     multiselect=True,
                     filterable=True,
                     allow_custom_value=True,
                     label="Classes",
                     elem_id="classes",
-                    interactive=conditional,
-                    info=(
-                        f"Type to search the model's {len(choices)} classes; empty = unconditional samples."
-                        if conditional
-                        else "This model is unconditional."
-                    ),
                 )
-                random_button = gr.Button("Random classes", size="sm", elem_id="random-classes", visible=conditional)
+                random_button = gr.Button(
+                    "Random classes", **controls["random_classes"], size="sm", elem_id="random-classes"
+                )
                 images_per_class = gr.Slider(
                     1,
                     MAX_IMAGES_PER_CLASS,
@@ -549,28 +635,30 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
                 )
                 with gr.Row():
                     seed = gr.Number(value=d.seed, precision=0, label="Seed", elem_id="seed", info=f"0 to {MAX_SEED}")
-                    randomize_seed = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize-seed")
+                    randomize_seed = gr.Checkbox(
+                        value=d.randomize_seed, label="Randomize seed", elem_id="randomize-seed"
+                    )
                 with gr.Accordion("Sampling settings (the model's saved recipe)", open=False):
-                    steps = gr.Slider(1, MAX_STEPS, value=d.steps, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(1, MAX_STEPS, **controls["steps"], step=1, label="Steps", elem_id="steps")
                     guidance_scale = gr.Slider(
                         1.0,
                         MAX_GUIDANCE,
-                        value=d.guidance_scale,
+                        **controls["guidance_scale"],
                         step=0.05,
                         label="Guidance scale",
                         elem_id="guidance-scale",
                         info="1 = no classifier-free guidance",
-                        interactive=conditional,
                     )
+                    # custom values let an API call for another model than the default send that model's choices
+                    # (`check_request` checks them)
                     guidance_schedule = gr.Dropdown(
-                        schedules,
-                        value=d.guidance_schedule,
+                        **controls["guidance_schedule"],
+                        allow_custom_value=True,
                         label="Guidance schedule",
                         elem_id="guidance-schedule",
-                        info=describe_guidance_schedules(schedules),
                     )
                     scheduler = gr.Dropdown(
-                        scheduler_choices(pipe), value=d.scheduler, label="Scheduler", elem_id="scheduler"
+                        **controls["scheduler"], allow_custom_value=True, label="Scheduler", elem_id="scheduler"
                     )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
@@ -594,26 +682,56 @@ def build_demo(pipe: DiffiTPipeline, info: ModelInfo | None = None):
                     elem_id="grid",
                 )
         inputs = [classes, images_per_class, steps, guidance_scale, guidance_schedule, scheduler, seed, randomize_seed]
-        pixel_space = pipe.vae is None and pipe.transformer.config.sample_size <= 32
-        gr.Examples(
-            example_rows(pipe), inputs, label="Examples (about a second each on a CPU)" if pixel_space else "Examples"
+        # what changes with the model, in the order of `model_controls`
+        controlled = [description, classes, random_button, steps, guidance_scale, guidance_schedule, scheduler]
+        # not `gr.Examples`: an example also switches the model, so it sets the model's choices with its values, and
+        # the table shows them as text (the Dropdowns' labels are the default model's)
+        text = [gr.Textbox(label=label, render=False) for label in ["Classes", "Guidance schedule", "Scheduler"]]
+        example_table = gr.Dataset(
+            components=[model, text[0], images_per_class, steps, guidance_scale, text[1], text[2], seed],
+            samples=[example_cells(models[name][0], name, values) for name, values in examples],
+            type="index",
+            label="Examples",
+            elem_id="examples",
         )
         gr.Markdown(
             f"One request runs at a time (at most {QUEUE_SIZE} wait). Images are lossless PNGs at the model's "
             "resolution: open one in the gallery to download it. API: `gradio_client.Client(url).predict(..., "
-            'api_name="/generate")`, see the Space README.'
+            'model=..., api_name="/generate")`, see the Space README.'
         )
 
-        generate_button.click(check, inputs, None, concurrency_limit=None, api_visibility="private").success(
+        def show_model(name):
+            """The picked model's line, choices and saved recipe."""
+            return [gr.update(**kwargs) for kwargs in model_controls(*models[name]).values()]
+
+        def load_example(index):
+            """The example's model, with its choices, and the example's values."""
+            name, values = examples[index]
+            updates = [gr.update(**kwargs) for kwargs in model_controls(*models[name], values).values()]
+            return [name, *updates, values.images_per_class, values.seed, values.randomize_seed]
+
+        generate_button.click(check, [*inputs, model], None, concurrency_limit=None, api_visibility="private").success(
             run,
-            inputs,
+            [*inputs, model],
             [gallery, grid, seed],
             api_name="generate",
             concurrency_limit=CONCURRENCY,
             show_progress_on=[gallery, grid],
         )
+        model.input(show_model, model, controlled, api_visibility="private", queue=False)
+        example_table.click(
+            load_example,
+            example_table,
+            [model, *controlled, images_per_class, seed, randomize_seed],
+            api_visibility="private",
+            queue=False,
+        )
         random_button.click(
-            lambda: random_classes(choices, random.randint(2, 4)), None, classes, api_visibility="private", queue=False
+            lambda name: random_classes(class_choices(models[name][0]), random.randint(2, 4)),
+            model,
+            classes,
+            api_visibility="private",
+            queue=False,
         )
     return demo
 
@@ -629,9 +747,10 @@ def main():
         # One thread by default: the digits model is too small to gain from more, and on a busy 2-core machine two
         # threads took 28-45 s for the default request where one took 1.1 s (OpenMP threads waiting on each other).
         torch.set_num_threads(int(os.environ.get("DIFFIT_CPU_THREADS", "1")))
-    pipe, info = load_pipeline()
-    logger.info("Serving %s (%s) on %s", info.name, info.license, DEVICE)
-    launch(build_demo(pipe, info))
+    models = load_pipelines()
+    for _, info in models.values():
+        logger.info("Serving %s (%s) on %s", info.name, info.license, DEVICE)
+    launch(build_demo(models))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Write a Hugging Face Space that deploys as built, and optionally push it.
 
-    python space_app/build_space.py --output space                       # the digits model shipped in the package
+    python space_app/build_space.py --output space                       # the models shipped in the package
     python space_app/build_space.py --output space --model you/DiffiT-XL-2-256 --push_to_hub you/diffit [--private]
     python space_app/build_space.py --output space --push_to_hub you/diffit --dry_run   # list, upload nothing
 
-The folder holds `app.py`, `README.md` (the Space's YAML: pinned `sdk_version` and `python_version`, the served
-model's licence, `models:` for a Hub model), `requirements.txt` (pinned) and the source of `diffusers_diffit`
-itself, so `import diffusers_diffit` works without a package index carrying it. A Space build installs
+By default the Space serves both models shipped in the package, "digits" and "digits-latent", picked on the page;
+with `--model` it serves that one model alone. The folder holds `app.py`, `README.md` (the Space's YAML: pinned
+`sdk_version` and `python_version`, the served models' licence, `models:` for a Hub model), `requirements.txt`
+(pinned) and the source of `diffusers_diffit` itself, shipped models included, so `import diffusers_diffit` and the
+shipped models work without a package index carrying them. A Space build installs
 `requirements.txt` on its own first, from a copy outside the folder, so the package cannot be a requirement (a
 relative path to a wheel would not resolve there); as source next to `app.py` it is importable from the working
 directory. A local `--model` folder is copied into `model/`; a Hub `--model` is downloaded when the app starts.
@@ -20,13 +22,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from diffusers_diffit.embedded import EMBEDDED_MODELS
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES
 
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON_VERSION = "3.11"  # the Python the tests run the Space with
-PACKAGE_LICENSE = "apache-2.0"  # diffusers-diffit's licence (setup.cfg), so also the shipped digits model's
+PACKAGE_LICENSE = "apache-2.0"  # diffusers-diffit's licence (setup.cfg), so also the shipped models'
 IMAGENET_LICENSE = "cc-by-nc-sa-4.0"  # NVIDIA's DiffiT weights, and every repository converted from them
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store")
@@ -47,11 +50,19 @@ def read_pins(path: Path = HERE / "requirements.txt") -> dict[str, str]:
 
 
 def describe_model(model: str | None, license: str | None = None) -> dict:
-    """What the Space serves: {"model" (for space_config.json), "license", "hub_id", "hardware", "local"}.
+    """What the Space serves: {"model" (for space_config.json; None: the models shipped in the package), "names" (the
+    Model picker's entries), "license", "hub_id", "hardware", "local"}.
 
     No network: a Hub model's licence is `license` or, by default, NVIDIA's weights' (CC-BY-NC-SA-4.0)."""
     if model is None:
-        return dict(model=None, license=license or PACKAGE_LICENSE, hub_id=None, hardware="cpu-basic", local=None)
+        return dict(
+            model=None,
+            names=list(EMBEDDED_MODELS),
+            license=license or PACKAGE_LICENSE,
+            hub_id=None,
+            hardware="cpu-basic",
+            local=None,
+        )
     if os.path.isdir(model):
         folder = Path(model)
         if not (folder / "model_index.json").is_file():
@@ -65,11 +76,23 @@ def describe_model(model: str | None, license: str | None = None) -> dict:
             raise ValueError(f"`--model` {model} has no model card with a licence: pass `--license`.")
         latent = index.get("vae", [None, None])[0] is not None
         return dict(
-            model="model", license=license, hub_id=None, hardware="zero-a10g" if latent else "cpu-basic", local=folder
+            model="model",
+            names=["model"],
+            license=license,
+            hub_id=None,
+            hardware="zero-a10g" if latent else "cpu-basic",
+            local=folder,
         )
     if not HUB_ID.fullmatch(model):
         raise ValueError(f"`--model` must be a local pipeline folder or a Hub id (owner/name), got {model!r}.")
-    return dict(model=model, license=license or IMAGENET_LICENSE, hub_id=model, hardware="zero-a10g", local=None)
+    return dict(
+        model=model,
+        names=[model],
+        license=license or IMAGENET_LICENSE,
+        hub_id=model,
+        hardware="zero-a10g",
+        local=None,
+    )
 
 
 def _card_license(folder: Path) -> str | None:
@@ -85,7 +108,9 @@ def space_readme(served: dict, gradio_version: str, space_id: str | None) -> str
     from huggingface_hub import SpaceCardData
 
     model_name = served["hub_id"] or (
-        "digits (shipped with diffusers-diffit)" if served["model"] is None else "the pipeline in `model/`"
+        f"{' and '.join(served['names'])}, shipped with diffusers-diffit: pick one with the page's Model picker"
+        if served["model"] is None
+        else "the pipeline in `model/`"
     )
     data = SpaceCardData(
         title="DiffiT",
@@ -106,6 +131,7 @@ def space_readme(served: dict, gradio_version: str, space_id: str | None) -> str
     client_target = space_id or "http://127.0.0.1:7860/"
     classes = '["3", "7"]' if served["model"] is None else '["golden retriever", "volcano"]'
     schedules = " or ".join(f'"{name}"' for name in GUIDANCE_SCHEDULES)
+    names = ", ".join(f'"{name}"' for name in served["names"])
     return f"""---
 {data.to_yaml()}
 ---
@@ -115,28 +141,32 @@ def space_readme(served: dict, gradio_version: str, space_id: str | None) -> str
 Class-conditional image generation with [DiffiT](https://arxiv.org/abs/2312.02139) (Hatamizadeh, Song, Liu, Kautz,
 Vahdat; ECCV 2024) through the `diffusers-diffit` package, whose source is in `diffusers_diffit/` here.
 
-- **Model:** {model_name}. **Licence:** {served["license"]} (the model's; NVIDIA's DiffiT weights are
+- **Model:** {model_name}. **Licence:** {served["license"]} (the served models'; NVIDIA's DiffiT weights are
   CC-BY-NC-SA-4.0, the package is Apache-2.0).
-- Pick classes (type to search), images per class, steps, guidance, scheduler and seed; the images come back as
-  lossless PNGs at the model's resolution, one per class name, plus a grid.
-- Another model: set the Space variable `DIFFIT_MODEL` to a converted DiffiT pipeline (Hub id), or rebuild with
-  `python space_app/build_space.py --output DIR --model ID_OR_FOLDER`. ImageNet models want a GPU: on ZeroGPU
-  hardware `spaces.GPU` is applied to the sampling function. On a CPU the app uses one thread
+- Pick a model, classes (type to search), images per class, steps, guidance, scheduler and seed; picking a model
+  sets the class and scheduler choices and the sampling settings to its own. The images come back as lossless PNGs
+  at the model's resolution, one per class name, plus a grid.
+- Another model, served alone: set the Space variable `DIFFIT_MODEL` to a converted DiffiT pipeline (Hub id), or
+  rebuild with `python space_app/build_space.py --output DIR --model ID_OR_FOLDER`. ImageNet models want a GPU: on
+  ZeroGPU hardware `spaces.GPU` is applied to the sampling function. On a CPU the app uses one thread
   (`DIFFIT_CPU_THREADS` to change).
 
 ## API
 
-The `generate` endpoint takes the page's inputs; those left out keep the page's defaults (the model's saved recipe).
+The `generate` endpoint takes the page's inputs and the model; those left out keep the values the page starts with:
+the first model and its saved recipe (a request for another model may want to give its `steps` and
+`guidance_scale`).
 
 ```python
 from gradio_client import Client
 
 client = Client("{client_target}")
 gallery, grid, seed = client.predict(
-    classes={classes},       # names as the picker lists them; [] = unconditional
+    classes={classes},       # names as the Classes picker lists them; [] = unconditional
     images_per_class=4,
     seed=0,
     randomize_seed=False,
+    model="{served["names"][-1]}",  # an entry of the Model picker: {names}; left out, the first
     api_name="/generate",
 )
 print(gallery[0]["image"], gallery[0]["caption"], seed)   # local paths of the PNGs, class names, the seed used
@@ -209,13 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=None,
-        help="Hub id or local pipeline folder to serve (default: the digits model in the package)",
+        help="Hub id or local pipeline folder to serve alone (default: the models shipped in the package)",
     )
     parser.add_argument(
         "--license",
         default=None,
         help="the served model's licence (default: its card's; cc-by-nc-sa-4.0 for a Hub model, "
-        "apache-2.0 for the digits model)",
+        "apache-2.0 for the shipped models)",
     )
     parser.add_argument("--push_to_hub", metavar="USER/SPACE", default=None, help="create/update this Space")
     parser.add_argument("--private", action="store_true", help="create the Space private")

@@ -170,3 +170,18 @@ def test_ddpm_objective_with_an_edm_scheduler_is_refused(chain, tmp_path):
     argv += ["--objective", "ddpm-hybrid", "--recipe_from", embedded_model_path("digits")]
     argv += ["--output_dir", tmp_path / "out", "--report_to", "none"]
     refused(argv, "trains a 'ddpm' denoiser, but the written pipeline would sample with", tmp_path / "out")
+
+
+def test_a_constant_ema_too_slow_for_the_run_is_warned_about(chain, tmp_path, caplog):
+    """A constant decay of 0.9999 over 2 steps keeps ~100 % of the initial weights in the saved model (on
+    digits-latent, 4000 such steps sampled noise): the run says so."""
+    argv = ["--model_config_name_or_path", chain["root"] / "transformer.json", "--latents_dir", chain["latents"]]
+    argv += ["--max_train_steps", 2, "--use_ema", "--report_to", "none"]
+    with caplog.at_level("WARNING"):
+        run_in_process(train_diffit, [*argv, "--output_dir", tmp_path / "constant"])
+    assert "the saved EMA weights will still be 100% the initial ones" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_in_process(train_diffit, [*argv, "--ema_warmup", "--output_dir", tmp_path / "warmup"])
+    assert "Saved the pipeline" in caplog.text or (tmp_path / "warmup" / "model_index.json").is_file()
+    assert "EMA weights" not in caplog.text

@@ -1,6 +1,6 @@
-"""The distributions: `python -m build` makes an sdist and a wheel that hold the shipped digits model, the ImageNet
-label table and py.typed, and pass `twine check`; a fresh virtual environment with only the wheel (and its
-dependencies, pinned by constraints-ci.txt) runs `diffit sample` and imports every public name.
+"""The distributions: `python -m build` makes an sdist and a wheel that hold both shipped models (the wheel under
+10 MB), the ImageNet label table and py.typed, and pass `twine check`; a fresh virtual environment with only the wheel
+(and its dependencies, pinned by constraints-ci.txt) runs `diffit sample` and imports every public name.
 
 `make dist` builds into dist/ and runs this file on those files (DIFFIT_DIST=dist); otherwise the distributions are
 built here. Takes about a minute: the fresh environment installs torch from the local CPU wheel."""
@@ -23,7 +23,14 @@ DATA_FILES = [
     "diffusers_diffit/embedded/digits/scheduler/scheduler_config.json",
     "diffusers_diffit/embedded/digits/transformer/config.json",
     "diffusers_diffit/embedded/digits/transformer/diffusion_pytorch_model.safetensors",
+    "diffusers_diffit/embedded/digits-latent/model_index.json",
+    "diffusers_diffit/embedded/digits-latent/scheduler/scheduler_config.json",
+    "diffusers_diffit/embedded/digits-latent/transformer/config.json",
+    "diffusers_diffit/embedded/digits-latent/transformer/diffusion_pytorch_model.safetensors",
+    "diffusers_diffit/embedded/digits-latent/vae/config.json",
+    "diffusers_diffit/embedded/digits-latent/vae/diffusion_pytorch_model.safetensors",
 ]
+MAX_WHEEL_BYTES = 10_000_000  # both shipped models included
 IMPORT_CHECK = """
 import importlib, pkgutil, sys
 import diffusers_diffit
@@ -59,6 +66,7 @@ def distributions(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_distributions_hold_the_package_and_its_data(distributions):
     wheel, sdist = distributions
+    assert wheel.stat().st_size < MAX_WHEEL_BYTES, wheel.stat().st_size
     wheel_files = set(zipfile.ZipFile(wheel).namelist())
     sdist_root = sdist.name.removesuffix(".tar.gz")
     sdist_files = {name.removeprefix(f"{sdist_root}/") for name in tarfile.open(sdist).getnames()}

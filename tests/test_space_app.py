@@ -1,6 +1,8 @@
-"""The Gradio Space's logic (space_app/app.py) on the digits model shipped in the package: checking requests,
-classes, schedulers, sampling, the model's licence. The page itself is driven in a browser in test_space_ui.py."""
+"""The Gradio Space's logic (space_app/app.py) on the two models shipped in the package ("digits", the default, and
+"digits-latent"): which models it serves, checking requests, classes, schedulers, sampling, the models' licence, and
+what the page's Model picker switches. The page itself is driven in a browser in test_space_ui.py."""
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -12,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from diffusers_diffit import embedded_model_path, imagenet_id2label
+from diffusers_diffit.guidance import usable_guidance_schedules
 from diffusers_diffit.labels import lookup_label_ids
+from diffusers_diffit.schedulers import scheduler_presets
 
 
 APP = Path(__file__).resolve().parents[1] / "space_app" / "app.py"
@@ -35,14 +39,32 @@ def app():
     return load_app()
 
 
+def shipped_models(app):
+    """What the Space serves with nothing configured: both models shipped in the package."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("DIFFIT_MODEL", raising=False)
+        patch.setattr(app, "SPACE_CONFIG", app.HERE / "no-space-config.json")
+        return app.load_pipelines()
+
+
 @pytest.fixture(scope="module")
-def loaded(app):
-    return app.load_pipeline()
+def models(app):
+    return shipped_models(app)
+
+
+@pytest.fixture(scope="module")
+def loaded(models):
+    return models["digits"]
 
 
 @pytest.fixture(scope="module")
 def pipe(loaded):
     return loaded[0]
+
+
+@pytest.fixture(scope="module")
+def latent(models):
+    return models["digits-latent"][0]
 
 
 def request(**changes):
@@ -89,6 +111,7 @@ def test_licence_comes_from_the_card_then_from_the_kind_of_model(app, tmp_path):
     assert app.model_license(tmp_path, num_classes=10, embedded=False) == "unknown"
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a card\n")
     assert app.model_license(tmp_path, num_classes=1000, embedded=False) == "mit"
+    assert app.model_license(tmp_path, num_classes=10, embedded=True) == "apache-2.0"  # shipped: the package's
 
 
 def test_model_comes_from_the_environment_then_the_space_config(app, monkeypatch, tmp_path):
@@ -220,11 +243,15 @@ def test_unconditional_request(app, pipe):
     assert len(result.images) == 3 and result.captions == ["unconditional"] * 3
 
 
-def test_examples_are_valid_requests(app, pipe):
+@pytest.mark.parametrize("name", ["digits", "digits-latent"])
+def test_examples_are_valid_requests_shown_with_their_models_labels(app, models, name):
+    pipe = models[name][0]
     rows = app.example_rows(pipe)
     assert len(rows) >= 3
-    for row in rows:
-        app.check_request(pipe, **dict(zip(app.INPUT_NAMES, row)))
+    for values in rows:
+        app.check_request(pipe, **dataclasses.asdict(values))
+        cells = app.example_cells(pipe, name, values)
+        assert cells[0] == name and cells[6] == app.scheduler_label(pipe, values.scheduler)
 
 
 def test_spaces_gpu_is_applied_only_when_spaces_is_importable(app, monkeypatch):
@@ -243,7 +270,123 @@ def test_spaces_gpu_is_applied_only_when_spaces_is_importable(app, monkeypatch):
     assert app.on_gpu(fn).wrapped is fn and calls == [120]
 
 
-def test_demo_has_a_generate_endpoint(app, loaded):
-    demo = app.build_demo(*loaded)
-    api_names = [fn.api_name for fn in demo.fns.values()]
-    assert "generate" in api_names
+# ---------------------------------------------------------------------------------------------------------------------
+# The two shipped models and the Model picker
+
+
+def latent_request(**changes):
+    """A cheap request for the latent stand-in model: two steps, whatever its saved recipe."""
+    return request(**dict(dict(steps=2), **changes))
+
+
+def test_both_shipped_models_are_served_digits_first_and_picked_by_name(app, models):
+    assert list(models) == ["digits", "digits-latent"]
+    for name, (pipe, info) in models.items():
+        assert info.name == name and info.embedded and info.license == "apache-2.0" and info.hub_id is None
+        assert app.pick_model(models, name)[0] is pipe  # the loaded pipeline, not a new one
+    with pytest.raises(ValueError, match="Model must be one of digits, digits-latent; got 'digits-xl'"):
+        app.pick_model(models, "digits-xl")
+
+
+def test_one_configured_model_is_served_alone(app, monkeypatch, tmp_path):
+    folder = tmp_path / "my-digits"
+    shutil.copytree(embedded_model_path("digits"), folder)
+    monkeypatch.setattr(app, "SPACE_CONFIG", tmp_path / "space_config.json")
+    monkeypatch.setenv("DIFFIT_MODEL", str(folder))
+    assert list(app.load_pipelines()) == ["my-digits"]
+    monkeypatch.setenv("DIFFIT_MODEL", "digits-latent")  # a shipped model, by its name
+    served = app.load_pipelines()
+    ((pipe, info),) = served.values()
+    assert info.name == "digits-latent" and info.embedded and pipe.vae is not None
+    (picker,) = [block for block in app.build_demo(served).blocks.values() if block.elem_id == "model"]
+    assert [value for _, value in picker.choices] == ["digits-latent"] and not picker.interactive
+
+    # a Space built for the shipped models: both, with the licence it was built with
+    monkeypatch.delenv("DIFFIT_MODEL")
+    (tmp_path / "space_config.json").write_text(json.dumps({"model": None, "license": "mit"}))
+    served = app.load_pipelines()
+    assert list(served) == ["digits", "digits-latent"] and {info.license for _, info in served.values()} == {"mit"}
+
+
+def test_latent_model_line_counts_its_transformer_and_vae(app, models):
+    pipe, info = models["digits-latent"]
+    params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
+    vae_params = sum(p.numel() for p in pipe.vae.parameters()) / 1e6
+    text = app.describe_model(pipe, info)
+    assert (
+        f"a {params:.2f} M-parameter latent DiffiT transformer with a {vae_params:.2f} M-parameter VAE, trained on "
+        "scikit-learn's 8×8 digits (32×32 px)"
+    ) in text
+    assert "`digits-latent`" in text and "apache-2.0" in text and "](https://" in text
+
+
+def test_latent_model_offers_its_discrete_time_schedulers(app, latent):
+    values = [value for _, value in app.scheduler_choices(latent)]
+    assert values == ["default", *scheduler_presets(latent.denoiser_type)]
+    assert not any(value.startswith("edm-") for value in values)  # a DDPM-family model
+    schedules = app.guidance_schedules(latent)
+    assert schedules[0] == latent.config.guidance_schedule
+    assert set(schedules) == set(usable_guidance_schedules(discrete_time=True))
+    app.check_request(latent, **latent_request(guidance_schedule="power-cosine", scheduler=values[1]))
+    with pytest.raises(ValueError, match="Scheduler must be one of default, "):
+        app.check_request(latent, **latent_request(scheduler="edm-euler"))
+
+
+def test_generate_with_the_latent_model_gives_32px_images(app, latent):
+    steps = []
+    result = app.generate(latent, **latent_request(), on_step=lambda done, total: steps.append(done))
+    assert [image.size for image in result.images] == [(32, 32)] * 4
+    assert result.captions == ["3", "3", "7", "7"] and steps[-1] == len(steps) >= 2
+
+
+def test_model_controls_follow_the_model(app, models, pipe, latent):
+    digits, other = (app.model_controls(*models[name]) for name in ["digits", "digits-latent"])
+    assert list(digits) == list(other)
+    for controls, model in [(digits, pipe), (other, latent)]:
+        defaults = app.recipe_defaults(model)
+        assert controls["classes"]["choices"] == app.class_choices(model)
+        assert controls["scheduler"]["choices"] == app.scheduler_choices(model)
+        assert controls["guidance_schedule"]["choices"] == app.guidance_schedules(model)
+        assert controls["steps"]["value"] == defaults.steps
+        assert controls["guidance_scale"]["value"] == defaults.guidance_scale
+    assert "`digits-latent`" in other["description"]["value"] and "`digits`" in digits["description"]["value"]
+    values = app.Values(["5"], 1, 3, 2.0, "power-cosine", "default", 9)
+    chosen = app.model_controls(*models["digits-latent"], values)
+    assert chosen["classes"]["value"] == ["5"] and chosen["steps"]["value"] == 3
+    assert chosen["guidance_schedule"]["value"] == "power-cosine"
+
+
+def demo_function(demo, name):
+    (fn,) = [fn for fn in demo.fns.values() if fn.name == name]
+    return fn
+
+
+def updates_by_id(fn, updates):
+    return {component.elem_id: update for component, update in zip(fn.outputs, updates)}
+
+
+def test_demo_picker_switches_the_choices_and_generate_takes_the_model(app, models, latent):
+    demo = app.build_demo(models)
+    (picker,) = [block for block in demo.blocks.values() if block.elem_id == "model"]
+    assert [value for _, value in picker.choices] == ["digits", "digits-latent"] and picker.value == "digits"
+
+    parameters = demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == [*(f.name for f in dataclasses.fields(app.Values)), "model"]
+    assert parameters[-1]["parameter_has_default"] and parameters[-1]["parameter_default"] == "digits"
+
+    show_model = demo_function(demo, "show_model")
+    switched = updates_by_id(show_model, show_model.fn("digits-latent"))
+    assert switched["scheduler"]["choices"] == app.scheduler_choices(latent)
+    assert switched["guidance-schedule"]["choices"] == app.guidance_schedules(latent)
+    assert switched["classes"]["choices"] == app.class_choices(latent)
+    assert switched["steps"]["value"] == app.recipe_defaults(latent).steps
+    assert "`digits-latent`" in switched["model-description"]["value"]
+
+    load_example = demo_function(demo, "load_example")
+    index = len(app.example_rows(models["digits"][0]))  # the latent model's first example
+    model, *updates = load_example.fn(index)
+    assert model == "digits-latent"
+    loaded = updates_by_id(load_example, [model, *updates])
+    values = app.example_rows(latent)[0]
+    assert loaded["scheduler"]["choices"] == app.scheduler_choices(latent)
+    assert loaded["scheduler"]["value"] == values.scheduler and loaded["seed"] == values.seed

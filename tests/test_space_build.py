@@ -16,8 +16,10 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 from huggingface_hub import SpaceCard, SpaceHardware
+from PIL import Image
 
 from diffusers_diffit import embedded_model_path
+from diffusers_diffit.embedded import EMBEDDED_MODELS
 
 from .test_space_app import load_module
 
@@ -45,9 +47,14 @@ def test_default_space_is_complete_and_pinned(builder, tmp_path):
         "diffusers_diffit/__init__.py",
         "diffusers_diffit/pipelines/pipeline_diffit.py",
         "diffusers_diffit/data/imagenet_labels.json",
-        "diffusers_diffit/embedded/digits/model_index.json",
     ]:
         assert name in files
+    for model in EMBEDDED_MODELS:  # both shipped models, every file of each
+        shipped = Path(embedded_model_path(model))
+        for path in shipped.rglob("*"):
+            if path.is_file():
+                assert f"diffusers_diffit/embedded/{model}/{path.relative_to(shipped)}" in files
+    assert "diffusers_diffit/embedded/digits-latent/vae/config.json" in files
     assert not any("__pycache__" in name for name in files)
     assert (folder / "app.py").read_text() == (ROOT / "space_app" / "app.py").read_text()
 
@@ -60,7 +67,9 @@ def test_default_space_is_complete_and_pinned(builder, tmp_path):
     assert data.license == "apache-2.0" and data.models is None  # the shipped digits model: the package's licence
     assert len(data.short_description) <= 60
     assert data.suggested_hardware in {hardware.value for hardware in SpaceHardware}
-    assert 'api_name="/generate"' in (folder / "README.md").read_text()
+    readme = (folder / "README.md").read_text()
+    assert 'api_name="/generate"' in readme and 'model="digits-latent"' in readme
+    assert "digits and digits-latent" in readme and "Model picker" in readme
     assert json.loads((folder / "space_config.json").read_text()) == {"model": None, "license": "apache-2.0"}
 
 
@@ -92,6 +101,7 @@ def test_hub_model_space_names_the_model_and_its_licence(builder, tmp_path):
     assert data.suggested_hardware == "zero-a10g"
     assert json.loads((folder / "space_config.json").read_text())["model"] == "someone/DiffiT-XL-2-256"
     assert not (folder / "model").exists()
+    assert 'model="someone/DiffiT-XL-2-256"' in (folder / "README.md").read_text()  # the one model it serves
     assert card(builder.build_space(tmp_path / "other", model="someone/x", license="mit")).license == "mit"
 
 
@@ -177,7 +187,7 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 30
 @pytest.mark.slow
 def test_built_space_runs_from_a_fresh_environment(builder, tmp_path):
     """As a Space build: install requirements.txt alone (from a copy outside the folder) into a fresh venv, copy the
-    folder, run `python app.py`, get an image through gradio_client. Installs from the package registries (the
+    folder, run `python app.py`, get images of both shipped models through gradio_client. Installs from the package registries (the
     torch==2.13.0 pin takes the CPU wheel on disk here; ~1 min)."""
     from gradio_client import Client
 
@@ -219,6 +229,10 @@ def test_built_space_runs_from_a_fresh_environment(builder, tmp_path):
         )
         assert seed == 3 and [item["caption"] for item in gallery] == ["4", "4"]
         assert Path(gallery[0]["image"]).read_bytes().startswith(b"\x89PNG")
+        gallery, _, _ = Client(url, verbose=False).predict(
+            classes=["4"], images_per_class=1, steps=2, model="digits-latent", api_name="/generate"
+        )
+        assert Image.open(gallery[0]["image"]).size == (32, 32)
         assert "diffusers_diffit" not in subprocess.run(
             [str(python), "-m", "pip", "list"], capture_output=True, text=True, env=env
         ).stdout.replace("-", "_")  # it ran from the source in the folder, not from an installed package

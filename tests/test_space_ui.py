@@ -1,11 +1,14 @@
 """The Space as a person uses it, in a real browser (Debian's Chromium driven by Playwright), and through
-`gradio_client`. The app serves the digits model shipped in the package on 127.0.0.1.
+`gradio_client`. The app serves the two models shipped in the package ("digits", the default, and "digits-latent")
+on 127.0.0.1.
 
 These tests fail, not skip, when Chromium or Playwright is missing (CI installs both, see .ci/run); set
 DIFFIT_SKIP_UI=1 to skip the browser part explicitly. DIFFIT_SCREENSHOT=path saves the README's screenshot.
 """
 
+import io
 import os
+import re
 import shutil
 import socket
 import types
@@ -17,7 +20,7 @@ from gradio_client import Client
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from .test_space_app import load_app
+from .test_space_app import load_app, shipped_models
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,11 +40,13 @@ def app():
 
 @pytest.fixture(scope="module")
 def server(app):
-    pipe, info = app.load_pipeline()
-    demo = app.build_demo(pipe, info)
+    models = shipped_models(app)
+    demo = app.build_demo(models)
     port = free_port()
     app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
-    yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", pipe=pipe)
+    yield types.SimpleNamespace(
+        url=f"http://127.0.0.1:{port}/", pipe=models["digits"][0], latent=models["digits-latent"][0]
+    )
     demo.close()
 
 
@@ -154,6 +159,39 @@ def png_files(page, sources: list[str]) -> list[bytes]:
     return [page.request.get(source).body() for source in sources]
 
 
+def pick_model(page, name: str, pipe):
+    """Click the model's entry in the Model picker; wait for the model line to name its denoiser."""
+    page.get_by_test_id(f"{name}-radio-label").click()
+    expect(page.get_by_test_id(f"{name}-radio-label")).to_have_class(re.compile("selected"))
+    expect(page.locator("#model-description")).to_contain_text(type(pipe.transformer).__name__)
+
+
+def open_sampling_settings(page):
+    page.get_by_role("button", name="Sampling settings").click()
+    expect(page.locator("#steps")).to_be_visible()
+
+
+def scheduler_options(page) -> list[str]:
+    """The labels the Scheduler dropdown offers (the settings open)."""
+    page.locator("#scheduler input").click()
+    options = page.locator("ul[role=listbox] li[role=option]")
+    expect(options.first).to_be_visible()
+    labels = [text.replace("✓", "").strip() for text in options.all_inner_texts()]
+    page.keyboard.press("Escape")
+    return labels
+
+
+def set_steps(page, steps: str):
+    """Type the step count (the settings open): the stand-in latent model's saved recipe is too slow for a test."""
+    box = page.locator("#steps input[type=number]")
+    box.fill(steps)
+    box.press("Enter")
+
+
+def image_widths(page) -> list[int]:
+    return page.locator("#gallery img").evaluate_all("images => images.map(i => i.naturalWidth)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tests
 
@@ -166,8 +204,7 @@ def test_pick_two_classes_generate_and_see_progress(page, server):
 
     captions = page.locator("#gallery .caption-label").all_inner_texts()
     assert captions == ["3"] * 4 + ["7"] * 4
-    widths = page.locator("#gallery img").evaluate_all("images => images.map(i => i.naturalWidth)")
-    assert widths == [server.pipe.transformer.config.sample_size] * 8  # the model's resolution, not resized
+    assert image_widths(page) == [server.pipe.transformer.config.sample_size] * 8  # the model's resolution
     assert all(png.startswith(PNG_MAGIC) for png in png_files(page, sources))
     expect(page.locator("#grid img")).to_be_visible()
     progress = page.evaluate("window.__progress")
@@ -223,10 +260,12 @@ def test_random_classes_button_fills_the_picker(page):
 
 def test_gradio_client_calls_generate(server, app):
     client = Client(server.url, verbose=False)
-    gallery, grid, seed = client.predict(
+    gallery, grid, seed = client.predict(  # no `model`: the default one, as clients written before the picker
         classes=["3", "7"], images_per_class=2, seed=11, randomize_seed=False, api_name="/generate"
     )
     assert seed == 11 and [item["caption"] for item in gallery] == ["3", "3", "7", "7"]
+    side = server.pipe.transformer.config.sample_size
+    assert [Image.open(item["image"]).size for item in gallery] == [(side, side)] * 4
     assert all(Path(item["image"]).read_bytes().startswith(PNG_MAGIC) for item in gallery)
     assert Path(grid).read_bytes().startswith(PNG_MAGIC)
     # the same images as the app's own function with the page's defaults
@@ -246,3 +285,71 @@ def test_gradio_client_calls_generate(server, app):
 
     with pytest.raises(Exception, match="The seed is empty"):
         client.predict(classes=["3"], seed=None, api_name="/generate")
+
+
+def test_model_picker_switches_the_choices_and_the_model(page, server, app):
+    assert [label.strip() for label in page.locator("#model label").all_inner_texts()] == ["digits", "digits-latent"]
+    expect(page.get_by_test_id("digits-radio-label")).to_have_class(re.compile("selected"))  # the default
+    open_sampling_settings(page)
+    assert scheduler_options(page) == [label for label, _ in app.scheduler_choices(server.pipe)]
+
+    pick_model(page, "digits-latent", server.latent)
+    assert scheduler_options(page) == [label for label, _ in app.scheduler_choices(server.latent)]
+    expect(page.locator("#steps input[type=number]")).to_have_value(str(app.recipe_defaults(server.latent).steps))
+    set_steps(page, "2")
+    pick_classes(page, "3")
+    set_seed(page, "5")
+    sources = generate_and_wait(page, count=4)
+    assert image_widths(page) == [32] * 4  # the VAE's 32×32 images
+    # the latent model sampled them, with its own recipe and the two steps typed
+    latent = app.recipe_defaults(server.latent)
+    expected = app.generate(server.latent, ["3"], 4, 2, latent.guidance_scale, latent.guidance_schedule, "default", 5)
+    for png, image in zip(png_files(page, sources), expected.images):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(image))
+
+    pick_model(page, "digits", server.pipe)
+    assert scheduler_options(page) == [label for label, _ in app.scheduler_choices(server.pipe)]
+    generate_and_wait(page, count=8, previous=sources)  # the default classes, 4 images each
+    assert image_widths(page) == [server.pipe.transformer.config.sample_size] * 8
+
+
+def test_an_example_of_the_other_model_switches_to_it(page, server, app):
+    values = app.example_rows(server.latent)[0]
+    page.locator("#examples tbody tr").nth(len(app.example_rows(server.pipe))).click()  # the latent model's first
+    expect(page.get_by_test_id("digits-latent-radio-label")).to_have_class(re.compile("selected"))
+    expect(page.locator("#model-description")).to_contain_text(type(server.latent.transformer).__name__)
+    for name in values.classes:
+        expect(page.locator("#classes .token", has_text=name)).to_be_visible()
+    open_sampling_settings(page)
+    expect(page.locator("#scheduler input")).to_have_value(app.scheduler_label(server.latent, values.scheduler))
+    expect(page.locator("#steps input[type=number]")).to_have_value(str(values.steps))
+    set_steps(page, "2")
+    generate_and_wait(page, count=len(values.classes) * values.images_per_class)
+    assert set(image_widths(page)) == {32}
+
+
+def test_gradio_client_picks_the_model(server, app):
+    client = Client(server.url, verbose=False)
+    defaults = app.recipe_defaults(server.pipe)  # what the API takes for the inputs left out: the first model's
+    scheduler = app.scheduler_choices(server.latent)[1][1]  # not one of the first model's choices
+    gallery, grid, seed = client.predict(
+        classes=["3"],
+        images_per_class=2,
+        steps=2,
+        scheduler=scheduler,
+        seed=4,
+        randomize_seed=False,
+        model="digits-latent",
+        api_name="/generate",
+    )
+    assert seed == 4 and [Image.open(item["image"]).size for item in gallery] == [(32, 32)] * 2
+    expected = app.generate(
+        server.latent, ["3"], 2, 2, defaults.guidance_scale, defaults.guidance_schedule, scheduler, 4
+    )
+    for item, image in zip(gallery, expected.images):
+        assert np.array_equal(np.asarray(Image.open(item["image"])), np.asarray(image))
+
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client.predict(classes=["3"], model="digits-xl", api_name="/generate")
+    with pytest.raises(Exception, match="Scheduler must be one of default, "):
+        client.predict(classes=["3"], scheduler="no-such-scheduler", model="digits-latent", api_name="/generate")
