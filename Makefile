@@ -45,7 +45,7 @@ test-other-kernels: setup
 		tests/test_pipeline.py tests/test_transformer.py tests/test_unet.py tests/test_edm.py \
 		tests/test_scheduler_compatibility.py tests/test_embedded.py
 
-# The Gradio Space: `make space` writes a deployable Space folder into space/ (the digits model; pass a Hub model
+# The Gradio Space: `make space` writes a deployable Space folder into space/ (both shipped models; pass a Hub model
 # with `python space_app/build_space.py --output space --model ID`); `make demo` serves the app on 127.0.0.1:7860.
 space: setup
 	$(PY) space_app/build_space.py --output space
@@ -53,9 +53,10 @@ space: setup
 demo: setup
 	$(PY) space_app/app.py
 
-# Rebuild the shipped latent model from scratch on the CPU (about DIGITS_LATENT_MINUTES on 2 cores): the digits at
-# 32 px, the VAE (examples/digits_vae.args), its latents, the transformer (examples/digits_latent.args, NVIDIA's
-# ddpm-hybrid objective), then the pipeline folder replaces diffusers_diffit/embedded/digits-latent.
+# Rebuild the shipped latent model from scratch on the CPU (about 27 minutes on 2 cores): the digits at 32 px, the
+# VAE (examples/digits_vae.args), its latents, the transformer (examples/digits_latent.args, NVIDIA's ddpm-hybrid
+# objective, the shipped sampling recipe via --recipe_from), then the pipeline folder replaces the weights and
+# configs of diffusers_diffit/embedded/digits-latent (its model card stays).
 DIGITS_LATENT_WORK ?= outputs/digits-latent
 EMBEDDED_LATENT := diffusers_diffit/embedded/digits-latent
 digits-latent: setup
@@ -67,9 +68,9 @@ digits-latent: setup
 	$(PY) examples/train_diffit.py @examples/digits_latent.args --latents_dir $(DIGITS_LATENT_WORK)/latents \
 		--output_dir $(DIGITS_LATENT_WORK)/pipeline
 	rm -rf $(EMBEDDED_LATENT).new && mkdir -p $(EMBEDDED_LATENT).new
-	cp -r $(DIGITS_LATENT_WORK)/pipeline/model_index.json $(DIGITS_LATENT_WORK)/pipeline/README.md \
-		$(DIGITS_LATENT_WORK)/pipeline/scheduler $(DIGITS_LATENT_WORK)/pipeline/transformer \
-		$(DIGITS_LATENT_WORK)/pipeline/vae $(EMBEDDED_LATENT).new/
+	cp -r $(DIGITS_LATENT_WORK)/pipeline/model_index.json $(DIGITS_LATENT_WORK)/pipeline/scheduler \
+		$(DIGITS_LATENT_WORK)/pipeline/transformer $(DIGITS_LATENT_WORK)/pipeline/vae $(EMBEDDED_LATENT)/README.md \
+		$(EMBEDDED_LATENT).new/
 	rm -rf $(EMBEDDED_LATENT) && mv $(EMBEDDED_LATENT).new $(EMBEDDED_LATENT)
 
 bench: setup

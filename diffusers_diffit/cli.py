@@ -3,7 +3,8 @@
     diffit sample --labels 3 1 4 --num-images-per-label 8 --output grid.png
 
 samples a grid (one row per label) from a DiffiT pipeline: by default the digits model shipped inside the package,
-so it works offline on a fresh machine; `--model` takes any local pipeline folder or Hub id.
+so it works offline on a fresh machine; `--model` takes the other shipped model (`digits-latent`, a latent DiffiT
+with its VAE), any local pipeline folder or a Hub id.
 
 Every argument is checked before a model is loaded: against its type and range first, then against the model's
 saved configuration (class ids and names, schedulers, guidance of unconditional models), which is read from the JSON
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .embedded import embedded_model_path
+from .embedded import EMBEDDED_MODELS, embedded_model_path
 from .evaluation.evaluator import add_evaluate_parser, run_evaluate
 from .guidance import GUIDANCE_SCHEDULES, describe_guidance_schedules, usable_guidance_schedules
 from .labels import imagenet_id2label, lookup_label_ids, normalize_id2label
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--model",
         default=None,
-        help="local pipeline folder or Hub id (default: the digits model shipped in the package)",
+        help="a model shipped in the package (digits, digits-latent), a local pipeline folder or a Hub id "
+        "(default: digits)",
     )
     sample.add_argument(
         "--labels",
@@ -240,6 +242,8 @@ def resolve_model(model: str | None) -> str:
 
     if model is None:
         return embedded_model_path("digits")
+    if model in EMBEDDED_MODELS:
+        return embedded_model_path(model)
     if not model.strip():
         raise UsageError("--model", "empty value: give a pipeline folder or a Hub id (omit it for the digits model)")
     path = Path(model).expanduser()

@@ -8,9 +8,12 @@ images in [-1, 1] directly. The official recipe (SPEC.md §3) is `OFFICIAL_RECIP
 
 import contextlib
 import inspect
+import json
 import logging
+import math
 import numbers
 import os
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -218,6 +221,7 @@ class DiffiTPipeline(DiffusionPipeline):
                 "upload the folder with `diffusers_diffit.hub.push_to_hub`."
             )
         super().save_pretrained(save_directory, **kwargs)
+        drop_nonfinite_defaults(Path(save_directory) / "scheduler" / "scheduler_config.json", type(self.scheduler))
         if remote_code:
             from ..remote_code import write_remote_code
 
@@ -523,6 +527,28 @@ class DiffiTPipeline(DiffusionPipeline):
             return [PIL.Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]  # 1 channel -> "L"
         images = (images.float() / 2 + 0.5).clamp(0, 1)
         return images if output_type == "pt" else images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def drop_nonfinite_defaults(path: Path, scheduler_cls: type) -> None:
+    """Remove the entries of a saved scheduler config that are ±Infinity or NaN and equal to the class's default
+    (e.g. DPM-Solver's `lambda_min_clipped=-inf`): Python's json writes them, strict JSON parsers reject them, and
+    loading without them restores the same default."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    defaults = inspect.signature(scheduler_cls.__init__).parameters
+    dropped = [
+        key
+        for key, value in config.items()
+        if isinstance(value, float)
+        and not math.isfinite(value)
+        and key in defaults
+        and repr(defaults[key].default) == repr(value)
+    ]
+    if dropped:
+        path.write_text(
+            json.dumps({k: v for k, v in config.items() if k not in dropped}, indent=2, sort_keys=True) + "\n"
+        )
 
 
 def check_steps(num_inference_steps) -> None:

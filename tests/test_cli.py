@@ -142,6 +142,15 @@ def test_writes_a_grid_one_row_per_label(tmp_path):
     assert np.asarray(grid).std() > 0 and not list(output.parent.glob(".*partial"))
 
 
+def test_samples_the_shipped_latent_model_by_name(tmp_path):
+    output = tmp_path / "grid.png"
+    argv = ["sample", "--model", "digits-latent", "--labels", "7", "--num-images-per-label", "2"]
+    assert cli_main([*argv, "--steps", "3", "--output", str(output)]) == 0
+    grid = Image.open(output)
+    assert grid.size == (2 * 32 * 2 + 2, 32 * 2)  # 32-px digits decoded by the VAE, zoomed 2x, 2-px gaps
+    assert np.asarray(grid).std() > 0
+
+
 def test_scheduler_presets_are_built_for_the_loaded_model(imagenet_like, tmp_path):
     """`--scheduler dpmsolver` on a converted latent pipeline (DDPM config with the learned variance) works: the
     preset is built with variance_type=None. EDM presets work on the digits model."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 
 from diffusers_diffit import DiffiTPipeline, EDMHeunScheduler, embedded_model_path
@@ -70,3 +71,13 @@ def test_single_file_pipeline_takes_dtype_and_torch_dtype(tmp_path):
         )
     with pytest.raises(ValueError, match="`dtype` must be a torch.dtype"):
         DiffiTPipeline.from_single_file(tmp_path / "diffit.safetensors", vae=tiny_vae(), dtype="fp16")
+
+
+def test_a_scheduler_with_infinite_defaults_saves_strict_json_and_reloads_them(tmp_path):
+    """DPM-Solver's `lambda_min_clipped` defaults to -inf: the saved config leaves it out, loading restores it."""
+    scheduler = DPMSolverMultistepScheduler(variance_type=None)
+    pipe = make_pipe(tiny_transformer(in_channels=3, learned_sigma=False), scheduler, vae=None)
+    pipe.save_pretrained(tmp_path)
+    config = strict_load(tmp_path / "scheduler" / "scheduler_config.json")
+    assert "lambda_min_clipped" not in config and config["_class_name"] == "DPMSolverMultistepScheduler"
+    assert DiffiTPipeline.from_pretrained(tmp_path).scheduler.config.lambda_min_clipped == -float("inf")

@@ -7,6 +7,11 @@
   σ in [0.28, 5.42] (`guidance_interval` in the scheduler's c_noise = ln(σ)/4 units). The recipe it was released with,
   `EDMHeunScheduler` with 18 steps (35 calls) and guidance at every step, is still selectable (see README).
 
+- "digits-latent": a class-conditional latent `DiffiTTransformer2DModel` (1.29 M parameters, learned variance) on
+  the 4×4×4 latents of its own `AutoencoderKL` (0.32 M parameters, 32×32 images, factor 8), trained with NVIDIA's
+  ddpm-hybrid objective by `make digits-latent` (`examples/digits_vae.args`, `examples/digits_latent.args`; see
+  docs/digits-latent.md). Sampled with NVIDIA's sampler (learned-range DDPM) or its faster saved recipe.
+
     from diffusers_diffit import DiffiTPipeline, embedded_model_path
     pipe = DiffiTPipeline.from_pretrained(embedded_model_path("digits"))
 """
@@ -14,7 +19,7 @@
 from pathlib import Path
 
 
-EMBEDDED_MODELS = ("digits",)
+EMBEDDED_MODELS = ("digits", "digits-latent")
 
 
 def embedded_model_path(name: str = "digits") -> str:
