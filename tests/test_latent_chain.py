@@ -10,12 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import diffusers_diffit  # noqa: F401  (registers the pipeline with diffusers)
-from diffusers_diffit import OFFICIAL_RECIPES, DiffiTPipeline, embedded_model_path
+from diffusers_diffit import OFFICIAL_RECIPES, DiffiTPipeline, embedded_model_path, official_scheduler
 from diffusers_diffit.data import ImageDataset, load_vae
 from diffusers_diffit.utils import normalize_latents
 from tests.utils import ROOT, TINY_TRANSFORMER, load_example, run_in_process, write_image_folder
@@ -185,3 +188,46 @@ def test_a_constant_ema_too_slow_for_the_run_is_warned_about(chain, tmp_path, ca
         run_in_process(train_diffit, [*argv, "--ema_warmup", "--output_dir", tmp_path / "warmup"])
     assert "Saved the pipeline" in caplog.text or (tmp_path / "warmup" / "model_index.json").is_file()
     assert "EMA weights" not in caplog.text
+
+
+class ExactDenoiser(ModelMixin, ConfigMixin):
+    """The exact ε of a class-conditional data set of latents: E[x0 | x_t, y] is the softmax-weighted mean of the
+    latents of class y (all latents for the null class), ε = (x_t − √ᾱ_t·E[x0 | x_t, y]) / √(1 − ᾱ_t)."""
+
+    @register_to_config
+    def __init__(self, latents: list, labels: list, in_channels: int, sample_size: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("data", torch.tensor(latents).flatten(1))  # [N, C·H·W]
+        self.register_buffer("data_labels", torch.tensor(labels))  # [N]
+        self.register_buffer("alphas_cumprod", official_scheduler().alphas_cumprod)
+
+    def forward(self, x, timestep, class_labels=None, return_dict=True):
+        alpha_bar = self.alphas_cumprod[timestep.long()].view(-1, 1)  # [B, 1]
+        flat = x.flatten(1)  # [B, D]
+        distance = ((flat[:, None] - alpha_bar.sqrt()[:, :, None] * self.data[None]) ** 2).sum(-1)  # [B, N]
+        allowed = (class_labels[:, None] == self.data_labels[None]) | (
+            class_labels[:, None] == self.config.num_classes
+        )
+        weights = torch.softmax(torch.where(allowed, -distance / (2 * (1 - alpha_bar)), -torch.inf), dim=1)
+        eps = (flat - alpha_bar.sqrt() * (weights @ self.data)) / (1 - alpha_bar).sqrt()
+        return (eps.view_as(x),)
+
+
+def test_the_pipeline_samples_the_data_of_an_exact_denoiser(chain):
+    """With the exact ε of the cached training latents as the model, NVIDIA's sampler (learned-range DDPM with v
+    absent: fixed_small) and DDIM reproduce training latents of the class asked for: the pipeline, the scheduler
+    and the latent normalisation are right independently of any training."""
+    vae = load_vae(chain["vae"])
+    shard = load_file(chain["latents"] / "shard-00000.safetensors")
+    x0 = normalize_latents(vae, shard["moments"][:, : vae.config.latent_channels])  # the posterior means
+    denoiser = ExactDenoiser(x0.tolist(), shard["labels"].tolist(), 4, x0.shape[-1], 3)
+    scheduler = DDPMScheduler.from_config(official_scheduler().config, variance_type="fixed_small")
+    for scheduler, steps in ((scheduler, 250), (DDIMScheduler.from_config(scheduler.config), 50)):
+        pipe = DiffiTPipeline(denoiser, scheduler, vae=vae, denoiser_type="ddpm")
+        pipe.set_progress_bar_config(disable=True)
+        labels = [0, 1, 2, 0, 1, 2]
+        samples = pipe(labels, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="latent").images
+        distance = ((samples.flatten(1)[:, None] - x0.flatten(1)[None]) ** 2).mean(-1)  # [6, N]
+        nearest = distance.min(1)
+        assert (nearest.values < 1e-3).all(), nearest.values  # a training latent (their spread is ~1)
+        assert shard["labels"][nearest.indices].tolist() == labels

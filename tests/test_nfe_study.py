@@ -7,13 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 from benchmarks import nfe_study
 from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel, embedded_model_path, official_scheduler
 from diffusers_diffit.guidance import power_cosine_weight
 from diffusers_diffit.schedulers.compatibility import COMPATIBLE
-from tests.utils import TINY_TRANSFORMER
+from tests.utils import TINY_TRANSFORMER, tiny_vae
 
 
 def save_tiny_pipeline(folder, num_classes: int = 10) -> str:
@@ -21,16 +20,7 @@ def save_tiny_pipeline(folder, num_classes: int = 10) -> str:
     official DDPM scheduler and a saved guidance w = 1.5: a discrete digits pipeline when `num_classes` is 10."""
     torch.manual_seed(0)
     transformer = DiffiTTransformer2DModel(**TINY_TRANSFORMER, num_classes=num_classes).eval()
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
+    vae = tiny_vae(channels=1)
     pipe = DiffiTPipeline(transformer, official_scheduler(), vae=vae, num_inference_steps=250, guidance_scale=1.5)
     pipe.save_pretrained(folder)
     return str(folder)

@@ -32,10 +32,13 @@ TINY_TRANSFORMER = dict(
 )
 
 
-def tiny_vae() -> AutoencoderKL:
-    """An SD-style `AutoencoderKL` with 4 latent channels that downsamples ×2 (16-px images <-> 8×8 latents)."""
+def tiny_vae(channels: int = 3) -> AutoencoderKL:
+    """An SD-style `AutoencoderKL` with 4 latent channels that downsamples ×2 (16-px images of `channels` channels
+    <-> 8×8 latents)."""
     torch.manual_seed(0)
     return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
