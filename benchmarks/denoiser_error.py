@@ -45,6 +45,11 @@ def main(argv=None):
     parser.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
     parser.add_argument("--num-threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if not 1 <= args.num_samples <= 1297:
+        parser.error(f"--num-samples must be in [1, 1297] (the training digits), got {args.num_samples}")
+    bad = [t for t in args.timesteps if not 0 <= t < 1000]
+    if bad:
+        parser.error(f"--timesteps must lie in [0, 999], got {bad}")
     torch.set_num_threads(args.num_threads)
     pipes = [DiffiTPipeline.from_pretrained(p) for p in args.pipelines or [embedded_model_path("digits-latent")]]
     train_ink, train_labels, _, _ = digits_split()

@@ -80,6 +80,8 @@ def parse_args(argv=None):
     for name in ("resolution", "train_batch_size", "max_train_steps", "latent_channels", "layers_per_block"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.kl_weight < 0 or args.learning_rate <= 0:
+        p.error(f"--kl_weight must be >= 0 and --learning_rate > 0, got {args.kl_weight} and {args.learning_rate}")
     if not 0 < args.validation_fraction < 1:
         p.error(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
     factor = 2 ** (len(args.block_out_channels) - 1)

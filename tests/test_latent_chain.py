@@ -231,3 +231,11 @@ def test_the_pipeline_samples_the_data_of_an_exact_denoiser(chain):
         nearest = distance.min(1)
         assert (nearest.values < 1e-3).all(), nearest.values  # a training latent (their spread is ~1)
         assert shard["labels"][nearest.indices].tolist() == labels
+
+
+def test_autoencoder_arguments_are_checked_before_any_work(tmp_path):
+    base = ["--digits", "--resolution", 32, "--output_dir", tmp_path / "vae"]
+    for extra in (["--kl_weight", -1], ["--learning_rate", 0], ["--resolution", 30], ["--norm_num_groups", 5]):
+        with pytest.raises(SystemExit):
+            train_autoencoder.parse_args([str(a) for a in base + extra])
+    assert not (tmp_path / "vae").exists()
