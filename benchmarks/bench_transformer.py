@@ -3,7 +3,7 @@
 Variants: this package's model with each processor / attention backend that runs on the device; two references
 in the official checkpoint layout: "NVIDIA-like" follows the computation of NVIDIA's release (one fused qkv
 projection plus the time projection, (q·scale) @ kᵀ + the gathered bias, softmax, @ v, as Swin does) and "naive" is
-tests/reference_diffit.py (scores divided by √d after the product, the bias added through a strided permute);
+benchmarks/reference_diffit.py (scores divided by √d after the product, the bias added through a strided permute);
 diffusers' DiTTransformer2DModel at DiT-XL/2 size; and "GEMM floors": the matmuls of the same linear layers alone
 (shapes recorded from a real forward), once through `F.linear` (what both references use) and once through oneDNN
 with packed weights (what this package uses for CPU float32 inference). Timings rotate through the variants round
@@ -28,9 +28,9 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch import nn
 
+from benchmarks.reference_diffit import Attention, ReferenceDiffiT
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
 from diffusers_diffit.loading import convert_state_dict, infer_config
-from tests.reference_diffit import Attention, ReferenceDiffiT
 
 
 REFERENCE = "reference, NVIDIA-like"
@@ -156,7 +156,7 @@ def build(resolution: int, device, dtype, batch: int, only_ours: bool = False):
         pass
     variants = {REFERENCE: (attention_as(reference, NvidiaLikeAttention), lambda: reference(x, t, y))}
     naive = attention_as(reference, Attention)
-    variants["reference, naive (tests/reference_diffit.py)"] = (naive, lambda: reference(x, t, y))
+    variants["reference, naive (benchmarks/reference_diffit.py)"] = (naive, lambda: reference(x, t, y))
     variants["DiffiT fused QKV, native"] = ours(fused, "native")
     if only_ours:  # (one model of ours: the machine may be short of memory)
         return variants

@@ -5,14 +5,15 @@ classifier-free guidance):
   - this package's model, fused QKV: eager (native SDPA), `torch.compile` (inductor), `torch.compile` with CUDA
     graphs (mode="reduce-overhead"), and each bias-capable backend (SDPA memory-efficient, cuDNN, compiled
     FlexAttention, xformers if importable);
-  - the naive official-layout reference (tests/reference_diffit.py) in fp32 (no TF32) and under bf16 autocast: the
+  - the naive official-layout reference (benchmarks/reference_diffit.py) in fp32 (no TF32) and under bf16 autocast: the
     stand-in for NVIDIA's script;
   - diffusers' DiTTransformer2DModel at DiT-XL/2 size, in the same dtype.
-For each: forward latency at the model batch, and images/s of the official sampling recipe (SPEC §3: per step one
-forward at 2·batch, guidance of 3 ε channels with the power-cosine / constant weight, a DDPM learned-range ancestral
-step), timed over a window of steps after warm-up and scaled to 250 steps, plus peak memory. Then the SD-VAE decode
-of a batch (its share of the sampling time), a latent training step at batch 32 with and without gradient
-checkpointing (bf16 autocast, AdamW), and the GPU-hours a 50k-image official-recipe run takes at the best setting.
+For each: forward latency at the model batch, and images/s of the official sampling recipe
+(docs/diffit-equations.md#sampling: per step one forward at 2·batch, guidance of 3 ε channels with the power-cosine /
+constant weight, a DDPM learned-range ancestral step), timed over a window of steps after warm-up and scaled to 250
+steps, plus peak memory. Then the SD-VAE decode of a batch (its share of the sampling time), a latent training step
+at batch 32 with and without gradient checkpointing (bf16 autocast, AdamW), and the GPU-hours a 50k-image
+official-recipe run takes at the best setting.
 Weights are random (speed does not depend on them); nothing is downloaded.
 
     python -m benchmarks.gpu_suite                      # the full table on CUDA
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
+from benchmarks.reference_diffit import ReferenceDiffiT
+from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel, model_config
 from diffusers_diffit.guidance import apply_guidance, guidance_weight
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, official_scheduler
-from tests.reference_diffit import ReferenceDiffiT
 
 
 STEPS = 250  # the official recipe
@@ -48,15 +49,8 @@ SD_VAE = dict(
     sample_size=256,
 )
 TINY_VAE = dict(SD_VAE, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
-TINY = dict(
-    patch_size=2,
-    in_channels=4,
-    out_channels=8,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_classes=1000,
-)
+# --tiny: the tests' tiny transformer at the reference's width (2 heads of 16) with ImageNet's classes
+TINY = dict(model_config("tiny-transformer")[1], attention_head_dim=16, num_classes=1000)
 
 
 class Suite:

@@ -2,14 +2,14 @@
 
 __version__ = "0.1.0"
 
+from .configs import DIFFIT_CONFIGS, DIFFIT_UNET_CONFIGS, model_config
 from .embedded import embedded_model_path
 from .guidance import GUIDANCE_SCHEDULES
 from .labels import imagenet_id2label
 from .models import (
-    DIFFIT_CONFIGS,
-    DIFFIT_UNET_CONFIGS,
     DiffiTAttention,
     DiffiTAttnProcessor,
+    DiffiTInferenceAttnProcessor,
     DiffiTTransformer2DModel,
     DiffiTTransformerBlock,
     DiffiTUNet2DModel,
@@ -29,6 +29,7 @@ __all__ = [
     "OFFICIAL_RECIPES",
     "DiffiTAttention",
     "DiffiTAttnProcessor",
+    "DiffiTInferenceAttnProcessor",
     "DiffiTPipeline",
     "DiffiTTransformer2DModel",
     "DiffiTTransformerBlock",
@@ -36,5 +37,6 @@ __all__ = [
     "EDMHeunScheduler",
     "embedded_model_path",
     "imagenet_id2label",
+    "model_config",
     "official_scheduler",
 ]

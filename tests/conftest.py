@@ -1,6 +1,5 @@
 """Settings every test module needs before it imports anything (pytest loads this file first), and shared fixtures."""
 
-import json
 import os
 import tempfile
 
@@ -20,6 +19,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared machine they only add contention. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_attention_backend():
     """`set_attention_backend` also changes diffusers' process-wide default, which `reset_attention_backend` leaves:
@@ -37,27 +46,31 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def conversion_inputs(tmp_path_factory):
+    """An official-layout checkpoint file, a tiny SD-style VAE folder (downsampling ×2: 16-px images) and the
+    checkpoint's tensors."""
+    from safetensors.torch import save_file
+
+    from tests.utils import official_layout_checkpoint, tiny_vae
+
+    root = tmp_path_factory.mktemp("inputs")
+    state = official_layout_checkpoint()
+    save_file(state, root / "diffit_tiny.safetensors")
+    tiny_vae().save_pretrained(root / "vae")
+    return root / "diffit_tiny.safetensors", root / "vae", state
+
+
 @pytest.fixture(scope="session")
 def train_assets(tmp_path_factory) -> dict:
-    """What the training tests train on: a tiny VAE folder, tiny model configs, RGB and grayscale ImageFolders."""
-    from tests.utils import TINY_TRANSFORMER, tiny_vae, write_image_folder
+    """What the training tests train on: a tiny VAE folder, tiny model configs (`tiny-transformer`, and `tiny-unet`
+    with two levels on 8-px images), RGB and grayscale ImageFolders."""
+    from tests.utils import tiny_vae, write_config, write_image_folder
 
     root = tmp_path_factory.mktemp("training")
     tiny_vae().save_pretrained(root / "vae")
-    transformer = dict(_class_name="DiffiTTransformer2DModel", **TINY_TRANSFORMER)
-    unet = dict(
-        _class_name="DiffiTUNet2DModel",
-        sample_size=8,
-        in_channels=1,
-        block_out_channels=[16, 32],
-        layers_per_block=1,
-        window_size=4,
-        attention_head_dim=8,
-        time_embedding_dim=32,
-        norm_num_groups=4,
-    )
-    (root / "transformer.json").write_text(json.dumps(transformer))
-    (root / "unet.json").write_text(json.dumps(unet))
+    write_config(root / "transformer.json", "tiny-transformer")
+    write_config(root / "unet.json", "tiny-unet", sample_size=8, block_out_channels=[16, 32])
     write_image_folder(root / "rgb", ["cat", "dog", "fish"], per_class=4)
     write_image_folder(root / "gray", ["0", "1"], per_class=4, size=(8, 8), mode="L")
     return {

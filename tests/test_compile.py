@@ -13,7 +13,7 @@ import torch._dynamo
 
 from diffusers_diffit.models.attention import DiffiTTransformerBlock
 from diffusers_diffit.models.unet_diffit import DiffiTResBlock
-from tests import test_pipeline, test_transformer, test_unet
+from tests.utils import make_pipe, tiny_transformer_16, tiny_unet, transformer_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -24,14 +24,12 @@ def _fresh_dynamo():
 
 
 def transformer_case():
-    model = test_transformer.tiny_model()
-    x, t, y = test_transformer.inputs()
-    return model, (x, t, y)
+    return tiny_transformer_16(), transformer_inputs()
 
 
 def unet_case(**overrides):
     """Two levels (8² with 4×4 windows, then 4² global): the U-Net's every kind of block, few distinct shapes."""
-    model = test_unet.tiny_model(**{"sample_size": 8, "block_out_channels": (16, 32), **overrides})
+    model = tiny_unet(**{"sample_size": 8, "block_out_channels": (16, 32), **overrides})
     return model, (torch.randn(3, 1, 8, 8), torch.tensor([0.1, -0.4, 1.2]), torch.tensor([1, 2, 10]))
 
 
@@ -102,8 +100,8 @@ def test_compile_repeated_blocks_matches_eager(name, block_cls):
 
 def test_fullgraph_inductor_matches_eager():
     """`torch.compile(model, fullgraph=True)` with inductor on the CPU, a one-layer model, one shape: ≤ 1e-5."""
-    model = test_transformer.tiny_model(num_layers=1, sample_size=8)
-    x, t, y = test_transformer.inputs(batch=2, size=8)
+    model = tiny_transformer_16(num_layers=1, sample_size=8)
+    x, t, y = transformer_inputs(batch=2, size=8)
     with torch.no_grad():
         expected = model(x, t, y).sample
         actual = torch.compile(model, fullgraph=True)(x, t, y).sample
@@ -134,7 +132,7 @@ def test_pipeline_loop_compiles_once_not_per_step(guidance_interval):
     """The sampling loop calls the compiled transformer with a new timestep every step: the timestep must be a
     graph input, not a constant, so the loop compiles once per batch shape (twice with a guidance interval, whose
     unguided steps run half the batch), never once per step."""
-    pipe = test_pipeline.make_pipe()  # the official DDPM recipe
+    pipe = make_pipe()  # the official DDPM recipe
     graphs = []
     pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=counting_backend(graphs))
     kwargs = dict(num_inference_steps=6, output_type="latent", guidance_scale=4.0, guidance_interval=guidance_interval)

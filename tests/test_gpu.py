@@ -17,9 +17,8 @@ from sklearn.svm import SVC
 from diffusers_diffit import DiffiTPipeline, embedded_model_path
 from diffusers_diffit.data.digits import digits_split, model_to_ink
 from diffusers_diffit.losses import edm_loss
-from diffusers_diffit.pipelines import OFFICIAL_RECIPES
-from tests import test_pipeline, test_transformer, test_unet
-from tests.utils import relative_error
+from diffusers_diffit.pipelines import OFFICIAL_RECIPES, official_scheduler
+from tests.utils import make_pipe, relative_error, tiny_transformer_16, tiny_unet, transformer_inputs
 
 
 pytestmark = pytest.mark.gpu
@@ -36,8 +35,8 @@ def _exact_fp32():
 
 @torch.no_grad()
 def test_transformer_cuda_fp32_matches_cpu():
-    model = test_transformer.tiny_model()
-    x, t, y = test_transformer.inputs()
+    model = tiny_transformer_16()
+    x, t, y = transformer_inputs()
     expected = model(x, t, y).sample
     model.cuda()
     assert relative_error(model(x.cuda(), t.cuda(), y.cuda()).sample, expected) < 1e-5
@@ -45,7 +44,7 @@ def test_transformer_cuda_fp32_matches_cpu():
 
 @torch.no_grad()
 def test_unet_cuda_fp32_matches_cpu_and_every_cuda_backend_matches_in_fp16():
-    model = test_unet.tiny_model()
+    model = tiny_unet()
     x, y = torch.randn(3, 1, 16, 16), torch.tensor([1, 2, 10])
     t = torch.tensor([0.1, 1.0, 3.0])
     expected = model(x, t, class_labels=y).sample
@@ -65,7 +64,7 @@ def test_unet_cuda_fp32_matches_cpu_and_every_cuda_backend_matches_in_fp16():
 def test_training_step_with_bf16_autocast_and_checkpointing():
     """The EDM loss and its gradients on CUDA under bf16 autocast with gradient checkpointing, against fp32 on the
     CPU from the same noise draws (the generator stays on the CPU)."""
-    model = test_unet.tiny_model(class_dropout_prob=0.0).train()
+    model = tiny_unet(class_dropout_prob=0.0).train()
     clean, labels = torch.randn(8, 1, 16, 16) * 0.5, torch.arange(8)
 
     def loss_and_grads(device, autocast):
@@ -114,7 +113,7 @@ def test_embedded_pipeline_in_half_precision_draws_the_digits_asked_for(dtype):
 @torch.no_grad()
 def test_latent_pipeline_fp16_on_cuda_matches_fp32_on_cpu():
     """Latent DiffiT + a tiny SD-style VAE + DDIM with NVIDIA's guidance recipe: fp16 on CUDA against fp32 on CPU."""
-    pipe = test_pipeline.make_pipe(scheduler=test_pipeline._discrete(DDIMScheduler), **OFFICIAL_RECIPES[256])
+    pipe = make_pipe(scheduler=DDIMScheduler.from_config(official_scheduler().config), **OFFICIAL_RECIPES[256])
 
     def sample():
         return (
@@ -130,7 +129,7 @@ def test_latent_pipeline_fp16_on_cuda_matches_fp32_on_cpu():
     assert (images - expected).abs().max() < 2e-2
 
 
-@pytest.mark.parametrize("factory", [test_transformer.tiny_model, test_unet.tiny_model], ids=["transformer", "unet"])
+@pytest.mark.parametrize("factory", [tiny_transformer_16, tiny_unet], ids=["transformer", "unet"])
 def test_cuda_only_backends_are_checked_again_when_the_model_moves(factory):
     """Set on a CUDA half-precision model, cuDNN attention is refused when the model moves to fp32 or to the CPU;
     'native' moves anywhere."""

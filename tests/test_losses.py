@@ -16,8 +16,7 @@ from diffusers_diffit.losses import (
     edm_loss,
 )
 from diffusers_diffit.schedulers.compatibility import scheduler_support
-from tests.test_pipeline import tiny_transformer
-from tests.test_unet import tiny_model as tiny_unet
+from tests.utils import tiny_transformer, tiny_unet
 
 
 def reference_hybrid_terms(out, x0, x_t, noise, t, scheduler):

@@ -10,8 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 
 from diffusers_diffit import DiffiTPipeline, EDMHeunScheduler, embedded_model_path
-from tests.test_conversion import official_layout_checkpoint
-from tests.test_pipeline import make_pipe, tiny_transformer, tiny_vae
+from tests.utils import make_pipe, official_layout_checkpoint, tiny_transformer, tiny_vae
 
 
 PACKAGE = Path(embedded_model_path("digits")).parents[1]

@@ -5,35 +5,13 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
+from benchmarks.reference_diffit import ReferenceDiffiT, randomize_, sincos_pos_embed, timestep_embedding
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTAttnProcessor, DiffiTTransformer2DModel
-from diffusers_diffit.models.attention import BIAS_CAPABLE_BACKENDS
-from tests.reference_diffit import ReferenceDiffiT, randomize_, sincos_pos_embed, timestep_embedding
-from tests.utils import relative_error
+from diffusers_diffit.models.attention_backends import BIAS_CAPABLE_BACKENDS
+from tests.utils import relative_error, tiny_transformer_16, transformer_inputs
 
 
 TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
-
-
-def tiny_model(**overrides) -> DiffiTTransformer2DModel:
-    config = dict(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        num_attention_heads=4,
-        attention_head_dim=16,
-        num_classes=10,
-    )
-    return DiffiTTransformer2DModel(**{**config, **overrides}).eval()
-
-
-def inputs(batch=3, size=16, classes=10, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, size, size, generator=gen)
-    t = torch.tensor([0, 999, 437][:batch] + [5] * max(batch - 3, 0))
-    y = torch.tensor([classes, 0, 7][:batch] + [1] * max(batch - 3, 0))  # includes the null class
-    return x, t, y
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +32,7 @@ def test_from_single_file_matches_reference(reference, official_file):
     assert (model.config.num_layers, model.config.num_attention_heads, model.config.mlp_ratio) == (3, 4, 4.0)
     assert (model.config.sample_size, model.config.attention_head_dim, model.config.num_classes) == (16, 16, 10)
     assert not model.training
-    x, t, y = inputs()
+    x, t, y = transformer_inputs()
     with torch.no_grad():
         expected = reference(x, t, y)
         actual = model(x, t, y).sample
@@ -66,7 +44,7 @@ def test_from_single_file_matches_reference(reference, official_file):
 def test_pt_wrappers_and_missing_index(reference, tmp_path):
     no_index = randomize_(ReferenceDiffiT(**TINY, with_index=False)).eval()
     assert not any("relative_position_index" in k for k in no_index.state_dict())
-    x, t, y = inputs()
+    x, t, y = transformer_inputs()
     for i, wrap in enumerate(
         [
             lambda sd: {"ema": sd, "opt": {"lr": torch.tensor(1.0)}},
@@ -98,7 +76,7 @@ def test_half_precision_checkpoint_loads(reference, tmp_path, dtype):
         tmp_path / "half.safetensors",
     )
     model = DiffiTTransformer2DModel.from_single_file(tmp_path / "half.safetensors", torch_dtype=torch.float32)
-    x, t, y = inputs()
+    x, t, y = transformer_inputs()
     with torch.no_grad():
         assert relative_error(model(x, t, y).sample, reference(x, t, y)) < 2e-2
 
@@ -140,14 +118,14 @@ def test_released_parameter_counts_on_meta(name, expected):
 
 
 def test_positions_are_maes_table_and_derived_tensors_are_not_saved():
-    model = tiny_model()  # an 8x8 token grid: diffusers' default base_size (16) would halve the positions
+    model = tiny_transformer_16()  # an 8x8 token grid: diffusers' default base_size (16) would halve the positions
     assert torch.equal(model.pos_embed, torch.from_numpy(sincos_pos_embed(64, 8)).float()[None])
     assert not [k for k in model.state_dict() if k.endswith(("pos_embed", "relative_position_index"))]
 
 
 def test_timestep_embedding_avoids_the_downscale_freq_shift_trap():
     t = torch.tensor([0.0, 1.0, 250.0, 999.0])
-    ours = tiny_model().condition_embed.time_proj(t)
+    ours = tiny_transformer_16().condition_embed.time_proj(t)
     assert torch.allclose(ours, timestep_embedding(t), atol=1e-5)  # the release's sinusoid, not diffusers' DiT one
 
 
@@ -158,8 +136,8 @@ def _run(model, x, t, y):
 
 
 def test_fused_and_unfused_projections_agree():
-    model = tiny_model()
-    x, t, y = inputs()
+    model = tiny_transformer_16()
+    x, t, y = transformer_inputs()
     expected = _run(model, x, t, y)
     model.fuse_qkv_projections()
     attn = model.transformer_blocks[0].attn
@@ -176,21 +154,12 @@ CPU_BACKENDS = [b.value for b in BIAS_CAPABLE_BACKENDS if b.value not in CUDA_ON
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpu_backends_match_default(backend):
-    model = tiny_model()
-    x, t, y = inputs()
+    model = tiny_transformer_16()
+    x, t, y = transformer_inputs()
     expected = _run(model, x, t, y)
     model.set_attention_backend(backend)
     assert all(p._attention_backend.value == backend for p in model.attn_processors.values())
     assert torch.allclose(_run(model, x, t, y), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("backend", ["_native_flash", "flash", "sage"])
-def test_backends_without_additive_bias_are_refused(backend):
-    model = tiny_model()
-    for processor in model.attn_processors.values():
-        processor._attention_backend = backend  # set directly: set_attention_backend would need the package
-    with pytest.raises(ValueError, match="relative-position bias.*'native'"):
-        _run(model, *inputs())
 
 
 @pytest.mark.gpu
@@ -198,15 +167,15 @@ def test_backends_without_additive_bias_are_refused(backend):
 def test_cuda_backends_match_native(backend):
     if backend == "xformers":
         pytest.importorskip("xformers")
-    model = tiny_model().cuda().half()
-    x, t, y = (v.cuda() for v in inputs())
+    model = tiny_transformer_16().cuda().half()
+    x, t, y = (v.cuda() for v in transformer_inputs())
     expected = _run(model, x.half(), t, y)
     model.set_attention_backend(backend)
     assert torch.allclose(_run(model, x.half(), t, y), expected, atol=2e-2)
 
 
 def test_set_attn_processor_swaps_every_block():
-    model = tiny_model()
+    model = tiny_transformer_16()
     processors = model.attn_processors
     assert len(processors) == 2 and all(isinstance(p, DiffiTAttnProcessor) for p in processors.values())
     calls = []
@@ -216,7 +185,7 @@ def test_set_attn_processor_swaps_every_block():
             calls.append((hidden_states.shape, num_windows))
             return super().__call__(attn, hidden_states, temb, num_windows)
 
-    x, t, y = inputs()
+    x, t, y = transformer_inputs()
     expected = _run(model, x, t, y)
     model.set_attn_processor(Recording())
     assert torch.equal(_run(model, x, t, y), expected)  # bitwise: same model, kernels
@@ -224,8 +193,8 @@ def test_set_attn_processor_swaps_every_block():
 
 
 def test_batch_equals_single_samples_and_bias_is_shared():
-    model = tiny_model()
-    x, t, y = inputs(batch=3)
+    model = tiny_transformer_16()
+    x, t, y = transformer_inputs(batch=3)
     batched = _run(model, x, t, y)
     singles = torch.cat([_run(model, x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(3)])
     assert torch.allclose(batched, singles, atol=1e-5)
@@ -235,8 +204,8 @@ def test_batch_equals_single_samples_and_bias_is_shared():
 
 # ---------------------------------------------------------------------------------------------- conditioning rules
 def test_null_class_unconditional_and_label_dropout():
-    model = tiny_model(class_dropout_prob=1.0)
-    x, t, _ = inputs()
+    model = tiny_transformer_16(class_dropout_prob=1.0)
+    x, t, _ = transformer_inputs()
     null = torch.full((3,), 10)
     with torch.no_grad():
         assert torch.equal(model(x, t, None).sample, model(x, t, null).sample)
@@ -247,36 +216,36 @@ def test_null_class_unconditional_and_label_dropout():
 
 
 def test_unconditional_model():
-    model = tiny_model(num_classes=0)
+    model = tiny_transformer_16(num_classes=0)
     assert model.condition_embed.class_embedder is None
-    x, t, _ = inputs()
+    x, t, _ = transformer_inputs()
     assert _run(model, x, t, None).shape == (3, 8, 16, 16)
     with pytest.raises(ValueError, match="class_labels.*unconditional"):
         _run(model, x, t, torch.zeros(3, dtype=torch.long))
 
 
 def test_scalar_timestep_broadcasts():
-    model = tiny_model()
-    x, _, y = inputs()
+    model = tiny_transformer_16()
+    x, _, y = transformer_inputs()
     assert torch.equal(_run(model, x, 500, y), _run(model, x, torch.full((3,), 500), y))
 
 
 # ------------------------------------------------------------------------------------------------- save, grad, dtype
 def test_save_load_round_trip(tmp_path):
-    model = tiny_model(num_layers=1)
+    model = tiny_transformer_16(num_layers=1)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     loaded = DiffiTTransformer2DModel.from_pretrained(tmp_path)
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.config) == public(model.config)
-    x, t, y = inputs()
+    x, t, y = transformer_inputs()
     # a tolerance: the reloaded weights live in other (memory-mapped) memory, where some BLAS builds pick other kernels
     torch.testing.assert_close(_run(loaded, x, t, y), _run(model, x, t, y), rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_is_equivalent():
-    model = tiny_model(class_dropout_prob=0.0).train()
-    x, t, y = inputs()
+    model = tiny_transformer_16(class_dropout_prob=0.0).train()
+    x, t, y = transformer_inputs()
 
     def grads():
         model.zero_grad()
@@ -292,8 +261,8 @@ def test_gradient_checkpointing_is_equivalent():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-2), (torch.bfloat16, 1e-1)])
 def test_half_precision_runs_close_to_fp32(dtype, tol):
-    model = tiny_model()
-    x, t, y = inputs()
+    model = tiny_transformer_16()
+    x, t, y = transformer_inputs()
     expected = _run(model, x, t, y)
     model.to(dtype)
     out = _run(model, x.to(dtype), t, y)
@@ -316,17 +285,17 @@ def test_half_precision_runs_close_to_fp32(dtype, tol):
     ],
 )
 def test_bad_inputs_raise_value_error_naming_the_argument(x_shape, t, y, match):
-    model = tiny_model()
+    model = tiny_transformer_16()
     with pytest.raises(ValueError, match=match):
         _run(model, torch.randn(x_shape), torch.tensor(t), torch.tensor(y))
 
 
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="sample_size"):
-        tiny_model(sample_size=15)
+        tiny_transformer_16(sample_size=15)
     with pytest.raises(ValueError, match="num_classes"):
-        tiny_model(num_classes=-1)
+        tiny_transformer_16(num_classes=-1)
     with pytest.raises(ValueError, match="divisible by 4"):
-        tiny_model(num_attention_heads=3, attention_head_dim=2)
+        tiny_transformer_16(num_attention_heads=3, attention_head_dim=2)
     with pytest.raises(ValueError, match="attention_kwargs"):
-        tiny_model()(*inputs(), attention_kwargs={"scale": 1.0})
+        tiny_transformer_16()(*transformer_inputs(), attention_kwargs={"scale": 1.0, "temperature": 2.0})

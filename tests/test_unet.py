@@ -7,25 +7,7 @@ from accelerate import init_empty_weights
 
 from diffusers_diffit import DIFFIT_UNET_CONFIGS, DiffiTAttnProcessor, DiffiTUNet2DModel
 from diffusers_diffit.models.unet_diffit import DiffiTResBlock
-
-
-TINY = dict(
-    sample_size=16,
-    in_channels=1,
-    block_out_channels=(16, 32, 32),
-    layers_per_block=1,
-    window_size=4,
-    attention_head_dim=8,
-    time_embedding_dim=24,
-    frequency_embedding_size=16,
-    num_classes=10,
-)
-
-
-def tiny_model(**overrides) -> DiffiTUNet2DModel:
-    model = DiffiTUNet2DModel(**{**TINY, **overrides}).eval()
-    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # the head starts at zero; make outputs informative
-    return model
+from tests.utils import named_model, tiny_unet
 
 
 def reference_resblock(block: DiffiTResBlock, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -78,7 +60,7 @@ def test_time_token_reaches_every_window():
 
 
 def test_window_plan_map_no_larger_than_window_is_global():
-    model = tiny_model(window_size=8)  # maps 16, 8, 4
+    model = tiny_unet(window_size=8)  # maps 16, 8, 4
     assert model.window_sizes == [8, 8, 4]
     deepest = model.down_blocks[2][0]
     assert deepest.window_size == 4
@@ -89,7 +71,7 @@ def test_window_plan_map_no_larger_than_window_is_global():
 
 
 def test_every_block_has_its_own_bias_table():
-    model = tiny_model(layers_per_block=2)
+    model = tiny_unet(layers_per_block=2)
     tables = [
         m.transformer.attn.relative_position_bias_table for m in model.modules() if isinstance(m, DiffiTResBlock)
     ]
@@ -110,13 +92,13 @@ def test_paper_configs_build_on_meta_with_the_paper_windows():
 
 
 def test_head_is_zero_initialised():
-    model = DiffiTUNet2DModel(**TINY)
+    model = named_model("tiny-unet")
     out = model(torch.randn(2, 1, 16, 16), 0.3, class_labels=torch.tensor([1, 2])).sample
     assert torch.count_nonzero(out) == 0
 
 
 def test_shapes_non_square_and_out_channels():
-    model = tiny_model(in_channels=3, out_channels=6)
+    model = tiny_unet(in_channels=3, out_channels=6)
     out = model(torch.randn(2, 3, 16, 32), torch.tensor([0.1, -0.5]), class_labels=torch.tensor([0, 9])).sample
     assert out.shape == (2, 6, 16, 32) and torch.isfinite(out).all()
     out = model(torch.randn(1, 3, 32, 16), 0.0, return_dict=False)[0]
@@ -124,7 +106,7 @@ def test_shapes_non_square_and_out_channels():
 
 
 def test_class_conditioning_and_null_class():
-    model = tiny_model()
+    model = tiny_unet()
     x = torch.randn(2, 1, 16, 16)
     a = model(x, 0.2, class_labels=torch.tensor([3, 3])).sample
     b = model(x, 0.2, class_labels=torch.tensor([4, 4])).sample
@@ -134,7 +116,7 @@ def test_class_conditioning_and_null_class():
 
 
 def test_unconditional_model():
-    model = tiny_model(num_classes=0)
+    model = tiny_unet(num_classes=0)
     assert model.condition_embed.class_embedder is None
     assert model(torch.randn(2, 1, 16, 16), 0.0).sample.shape == (2, 1, 16, 16)
     with pytest.raises(ValueError, match="unconditional"):
@@ -142,7 +124,7 @@ def test_unconditional_model():
 
 
 def test_timestep_changes_output():
-    model = tiny_model()
+    model = tiny_unet()
     x = torch.randn(1, 1, 16, 16)
     assert not torch.allclose(model(x, -1.0).sample, model(x, 1.0).sample)
 
@@ -152,7 +134,7 @@ def public_config(model) -> dict:
 
 
 def test_save_load_round_trip(tmp_path):
-    model = tiny_model(dropout=0.1)
+    model = tiny_unet(dropout=0.1)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     loaded = DiffiTUNet2DModel.from_pretrained(tmp_path).eval()
@@ -162,7 +144,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    model = tiny_model(class_dropout_prob=0.0).train()
+    model = tiny_unet(class_dropout_prob=0.0).train()
     x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
 
     def grads():
@@ -178,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_fused_projections_match():
-    model = tiny_model()
+    model = tiny_unet()
     x = torch.randn(2, 1, 16, 16)
     expected = model(x, 0.1, class_labels=torch.tensor([1, 2])).sample
     model.fuse_qkv_projections()
@@ -200,7 +182,7 @@ def test_fused_projections_match():
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        DiffiTUNet2DModel(**{**TINY, **kwargs})
+        named_model("tiny-unet", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -216,4 +198,4 @@ def test_bad_config(kwargs, match):
 )
 def test_bad_inputs(sample, timestep, labels, match):
     with pytest.raises(ValueError, match=match):
-        tiny_model()(sample, timestep, class_labels=labels)
+        tiny_unet()(sample, timestep, class_labels=labels)

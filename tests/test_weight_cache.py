@@ -10,19 +10,9 @@ so they are compared bitwise; a cached model against a freshly built one with th
 import pytest
 import torch
 
-from diffusers_diffit.models.attention import DiffiTAttention, clear_derived_tensors
-from tests import test_transformer, test_unet
-
-
-def transformer():
-    return test_transformer.tiny_model(), test_transformer.inputs()
-
-
-def unet():
-    return test_unet.tiny_model(), (torch.randn(2, 1, 16, 16), torch.tensor([0.1, 0.7]), torch.tensor([1, 10]))
-
-
-MODELS = {"transformer": transformer, "unet": unet}
+from diffusers_diffit.models.attention import DiffiTAttention
+from diffusers_diffit.models.attention_processor import clear_derived_tensors
+from tests.utils import TINY_MODELS
 
 
 def run(model, args):
@@ -40,9 +30,9 @@ def caches(model):
     return [m.__dict__.get("_derived_tensors", {}) for m in model.modules() if m.__dict__.get("_derived_tensors")]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_derived_tensors_are_built_once(name):
-    model, args = MODELS[name]()
+    model, args = TINY_MODELS[name]()
     with model.inference_cache():
         first = run(model, args)
         attn = next(m for m in model.modules() if isinstance(m, DiffiTAttention))
@@ -53,14 +43,14 @@ def test_derived_tensors_are_built_once(name):
         assert torch.equal(first, second)
         assert attn._derived_tensors["bias_torch.float32"][1] is bias  # reused, not rebuilt
         assert all(c[k][1] is old[k][1] for c, old in zip(caches(model), kept) for k in old)
-        torch.testing.assert_close(bias, attn._gather_bias(torch.float32), rtol=0, atol=0)
+        torch.testing.assert_close(bias, attn.relative_position_bias(torch.float32), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_load_state_dict_invalidates(name):
-    model, args = MODELS[name]()
+    model, args = TINY_MODELS[name]()
     with model.inference_cache():
-        other, _ = MODELS[name]()  # other random weights
+        other, _ = TINY_MODELS[name]()  # other random weights
         before = run(model, args)
         model.load_state_dict(other.state_dict())
         after = run(model, args)
@@ -70,9 +60,9 @@ def test_load_state_dict_invalidates(name):
             assert torch.equal(after, run(other, args))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_optimizer_step_and_in_place_edits_invalidate(name):
-    model, args = MODELS[name]()
+    model, args = TINY_MODELS[name]()
     with model.inference_cache():
         run(model, args)  # fill the caches
         model.train()
@@ -93,11 +83,11 @@ def test_optimizer_step_and_in_place_edits_invalidate(name):
         assert torch.equal(edited, fresh(model, args))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_dtype_round_trip_invalidates(name):
     """fp32 → bf16 → fp32 rounds every weight: the rebuilt tensors must follow (a cache keyed on storage addresses
     alone could find the old fp32 address again)."""
-    model, args = MODELS[name]()
+    model, args = TINY_MODELS[name]()
     with model.inference_cache():
         run(model, args)
         model.to(torch.bfloat16)
@@ -108,9 +98,9 @@ def test_dtype_round_trip_invalidates(name):
         assert torch.equal(rounded, fresh(model, args))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_training_and_grad_mode_never_reuse(name):
-    model, args = MODELS[name]()
+    model, args = TINY_MODELS[name]()
     with model.inference_cache():
         run(model, args)  # eval-mode caches exist
         attn = next(m for m in model.modules() if isinstance(m, DiffiTAttention))
@@ -127,9 +117,9 @@ def test_training_and_grad_mode_never_reuse(name):
         assert caches(model) == []  # training mode never stores, even without grad
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_nothing_is_reused_outside_the_block_and_its_end_drops_everything(name):
-    model, args = MODELS[name]()
+    model, args = TINY_MODELS[name]()
     run(model, args)
     assert caches(model) == []  # eval mode and no grad, but outside the block
     with model.inference_cache():
@@ -141,12 +131,12 @@ def test_nothing_is_reused_outside_the_block_and_its_end_drops_everything(name):
     assert caches(model) == []
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_data_edits_between_blocks_are_seen(name):
     """diffusers' `EMAModel.copy_to` writes through `.data`, which autograd's version counter does not see: a cache
     that outlived the call would keep the old weights. Pipeline calls are blocks, so the next call sees the edit."""
-    model, args = MODELS[name]()
-    other, _ = MODELS[name]()
+    model, args = TINY_MODELS[name]()
+    other, _ = TINY_MODELS[name]()
     with model.inference_cache():
         before = run(model, args)
     for param, new in zip(model.parameters(), other.parameters()):

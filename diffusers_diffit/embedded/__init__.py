@@ -5,7 +5,8 @@
   (`examples/prepare_digits.py`). Default recipe (`benchmarks/nfe_study.py`):
   diffusers' `EDMDPMSolverMultistepScheduler` (DPM-Solver++ 2M), 12 model calls, guidance 1.25 only at noise levels
   σ in [0.28, 5.42] (`guidance_interval` in the scheduler's c_noise = ln(σ)/4 units). The recipe it was released with,
-  `EDMHeunScheduler` with 18 steps (35 calls) and guidance at every step, is still selectable (see README).
+  `EDMHeunScheduler` with 18 steps (35 calls) and guidance at every step, is still selectable (see
+  docs/digits-benchmarks.md).
 
 - "digits-latent": a class-conditional latent `DiffiTTransformer2DModel` (1.29 M parameters, learned variance) on
   the 4×4×4 latents of its own `AutoencoderKL` (0.32 M parameters, 32×32 images, factor 8), trained with NVIDIA's

@@ -1,13 +1,13 @@
-from .attention import DiffiTAttention, DiffiTAttnProcessor, DiffiTTransformerBlock
-from .transformer_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
-from .unet_diffit import DIFFIT_UNET_CONFIGS, DiffiTResBlock, DiffiTUNet2DModel
+from .attention import DiffiTAttention, DiffiTTransformerBlock
+from .attention_processor import DiffiTAttnProcessor, DiffiTInferenceAttnProcessor
+from .transformer_diffit import DiffiTTransformer2DModel
+from .unet_diffit import DiffiTResBlock, DiffiTUNet2DModel
 
 
 __all__ = [
-    "DIFFIT_CONFIGS",
-    "DIFFIT_UNET_CONFIGS",
     "DiffiTAttention",
     "DiffiTAttnProcessor",
+    "DiffiTInferenceAttnProcessor",
     "DiffiTResBlock",
     "DiffiTTransformer2DModel",
     "DiffiTTransformerBlock",

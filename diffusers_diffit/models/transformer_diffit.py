@@ -5,37 +5,26 @@ import os
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import apply_lora_scale
 from einops import rearrange
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
-from .attention import DiffiTModelMixin, DiffiTTransformerBlock
+from .attention import DiffiTTransformerBlock
+from .cache import TRANSFORMER_CACHES, check_cache_config
 from .embeddings import DiffiTConditioningEmbedding
+from .modeling_diffit import DiffiTModelMixin
 
 
-# The released models (SPEC.md §2). Only the latent side differs between resolutions.
-DIFFIT_XL_2 = dict(
-    patch_size=2,
-    in_channels=4,
-    out_channels=8,
-    num_layers=28,
-    num_attention_heads=16,
-    attention_head_dim=72,
-    mlp_ratio=4.0,
-    num_classes=1000,
-    class_dropout_prob=0.1,
-)
-DIFFIT_CONFIGS = {
-    "DiffiT-XL/2-256": dict(DIFFIT_XL_2, sample_size=32),
-    "DiffiT-XL/2-512": dict(DIFFIT_XL_2, sample_size=64),
-}
-
-
-class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class DiffiTTransformer2DModel(
+    DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, CacheMixin
+):
     """Latent DiffiT: patch embed + fixed sin-cos positions, N blocks of [LN → TMSA → +, LN → MLP → +] that all
     attend over the whole token grid with a relative-position bias, then LN → SiLU → Linear and unpatchify.
 
@@ -124,9 +113,9 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         """Raise a `ValueError` naming the argument for bad input; return `timestep` and `class_labels` as [B]
         tensors (`class_labels` None = unconditional)."""
         cfg = self.config
-        if attention_kwargs:
+        if attention_kwargs:  # "scale" was taken out by `apply_lora_scale`
             raise ValueError(
-                f"`attention_kwargs` is not used by DiffiT attention, got keys {sorted(attention_kwargs)}."
+                f"`attention_kwargs` takes only 'scale' (of the LoRA layers), got keys {sorted(attention_kwargs)}."
             )
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -147,6 +136,7 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         timestep = check_timestep(timestep, batch, hidden_states.device)
         return timestep, check_class_labels(class_labels, batch, cfg.num_classes, hidden_states.device)
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -160,7 +150,7 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
             hidden_states: noisy latents [B, in_channels, sample_size, sample_size].
             timestep: training timestep(s) (0…999): a number, a 0-d tensor, or [B].
             class_labels: int64 [B] in [0, num_classes] (num_classes = null class); None = unconditional.
-            attention_kwargs: accepted for diffusers API compatibility; must be empty.
+            attention_kwargs: `{"scale": s}` multiplies the update of the LoRA adapters by s (PEFT); no other keys.
         Returns:
             `Transformer2DModelOutput` whose `sample` is [B, out_channels, H, W]: ε, then v when learned variance.
         """
@@ -183,6 +173,14 @@ class DiffiTTransformer2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, Attent
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `CacheMixin.enable_cache` for the caches that apply to DiffiT: `FirstBlockCacheConfig`,
+        `MagCacheConfig`, `TaylorSeerCacheConfig`, `PyramidAttentionBroadcastConfig` (any other is a `ValueError`;
+        see `diffusers_diffit.models.cache`). `DiffiTPipeline` sets the cache context of every forward and resets
+        the caches at the end of each call."""
+        check_cache_config(config, TRANSFORMER_CACHES, type(self).__name__)
+        super().enable_cache(config)
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, **config_overrides):

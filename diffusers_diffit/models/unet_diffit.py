@@ -16,45 +16,22 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.upsampling import Upsample2D
+from diffusers.utils import apply_lora_scale
 from einops import rearrange
 from torch import nn
 
 from ..utils import check_class_labels, check_timestep
-from .attention import DiffiTModelMixin, DiffiTTransformerBlock
+from .attention import DiffiTTransformerBlock
+from .cache import check_cache_config
 from .embeddings import DiffiTConditioningEmbedding
-
-
-# The paper's image-space models (SPEC.md §4). Dropout is EDM's DDPM++ value for each dataset (DiffiT trains with
-# the EDM recipe and does not state its own).
-DIFFIT_UNET_CONFIGS = {
-    "DiffiT-CIFAR10": dict(
-        sample_size=32,
-        in_channels=3,
-        block_out_channels=(128, 256, 256),
-        layers_per_block=4,
-        window_size=4,
-        attention_head_dim=32,
-        time_embedding_dim=512,
-        num_classes=0,
-        dropout=0.13,
-    ),
-    "DiffiT-FFHQ64": dict(
-        sample_size=64,
-        in_channels=3,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=4,
-        window_size=8,
-        attention_head_dim=32,
-        time_embedding_dim=512,
-        num_classes=0,
-        dropout=0.05,
-    ),
-}
+from .modeling_diffit import DiffiTModelMixin
 
 
 def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
@@ -112,7 +89,7 @@ class DiffiTResBlock(nn.Module):
         return x + shortcut
 
 
-class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, CacheMixin):
     """Image-space DiffiT: conv tokenizer, `len(block_out_channels)` levels of `layers_per_block` DiffiT ResBlocks
     down (conv stride-2 downsampling between levels) and the same number up (nearest ×2 + conv upsampling), each
     decoder block taking the matching encoder block's output concatenated to its input, then GN → SiLU → Conv3×3.
@@ -252,11 +229,19 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
         timestep = check_timestep(timestep, batch, sample.device)
         return timestep, check_class_labels(class_labels, batch, cfg.num_classes, sample.device)
 
+    def enable_cache(self, config) -> None:
+        """No diffusers cache applies to the U-Net (no flat list of blocks whose residual a cache could reuse; see
+        `diffusers_diffit.models.cache`): always a `ValueError`. `CacheMixin` is mixed in so that pipelines can set
+        cache contexts on either DiffiT model."""
+        check_cache_config(config, (), type(self).__name__)
+
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
         """
@@ -264,9 +249,14 @@ class DiffiTUNet2DModel(DiffiTModelMixin, ModelMixin, ConfigMixin, AttentionMixi
             sample: [B, in_channels, H, W]; H and W multiples of every level's window (`sample_size` always is).
             timestep: noise level fed to the time embedding (EDM: c_noise = ln(σ)/4): a number, 0-d tensor or [B].
             class_labels: int64 [B] in [0, num_classes] (num_classes = null class); None = unconditional.
+            attention_kwargs: `{"scale": s}` multiplies the update of the LoRA adapters by s (PEFT); no other keys.
         Returns:
             `UNet2DOutput` whose `sample` is [B, out_channels, H, W] (the raw network output F_θ).
         """
+        if attention_kwargs:  # "scale" was taken out by `apply_lora_scale`
+            raise ValueError(
+                f"`attention_kwargs` takes only 'scale' (of the LoRA layers), got keys {sorted(attention_kwargs)}."
+            )
         timestep, class_labels = self.check_inputs(sample, timestep, class_labels)
 
         h = self.conv_in(sample)  # [B, C_0, H, W]

@@ -1,6 +1,7 @@
-"""An independent, deliberately naive DiffiT in the official checkpoint layout (SPEC.md §1-2), written from the
-paper's equations. Its `state_dict()` has exactly the released key names, so tests and benchmarks use it both as a
-numerical reference and as a source of official-layout checkpoints. Nothing here imports diffusers_diffit."""
+"""An independent, deliberately naive DiffiT in the official checkpoint layout, written from the paper's equations
+(TMSA: q, k, v = x·W + x_t·W_t, softmax(q·kᵀ/√d + B)·v with a Swin relative-position bias B). Its `state_dict()` has
+exactly the released key names, so tests use it as a numerical reference and a source of official-layout
+checkpoints, and the benchmarks time it as the NVIDIA-layout baseline. Nothing here imports diffusers_diffit."""
 
 import functools
 import math
