@@ -1,5 +1,6 @@
-"""Fine-tuning with other classes: which pretrained label-table row each new class starts from, and the re-shaped
-table (`resize_class_embedding`), with the rule written out in its docstring."""
+"""Fine-tuning with other classes: which pretrained label-table row each new class starts from, the re-shaped
+table (`resize_class_embedding`), with the rule written out in its docstring, and the rows a LoRA fine-tune trains
+and ships beside its adapter (`train_class_rows`, `class_rows_state_dict`, `load_class_rows`)."""
 
 from collections.abc import Sequence
 
@@ -82,3 +83,84 @@ def resize_class_embedding(model: nn.Module, num_classes: int, class_map: Sequen
         embed.class_embedder.weight.copy_(torch.stack(rows))
     embed.num_classes = num_classes
     model.register_to_config(num_classes=num_classes)
+
+
+def class_table(model: nn.Module) -> tuple[str, DiffiTConditioningEmbedding]:
+    """(state-dict prefix of the label table, the conditioning embedding); a table is required."""
+    embed = _conditioning_embedding(model)
+    if embed.class_embedder is None:
+        raise ValueError("The model is unconditional (`num_classes=0`): it has no label table.")
+    name = next(n for n, m in model.named_modules() if m is embed)
+    return f"{name}.class_embedder", embed
+
+
+def train_class_rows(model: nn.Module, rows: Sequence[int]) -> torch.utils.hooks.RemovableHandle:
+    """Make the label table trainable in the given rows only (e.g. the new classes of a LoRA fine-tune): the other
+    rows, the null class among them, get zero gradients, so an optimizer without weight decay leaves them exactly
+    as they are. Returns the gradient hook's handle. The null row (`num_classes`) cannot be trained this way: it is
+    the unconditional model every class is guided against."""
+    _, embed = class_table(model)
+    rows = sorted(set(rows))
+    bad = [r for r in rows if not 0 <= r < embed.num_classes]
+    if bad:
+        raise ValueError(
+            f"`rows` must be class ids in [0, {embed.num_classes}); {bad} would overwrite the null class "
+            f"(id {embed.num_classes}) or lie outside the table."
+        )
+    mask = torch.zeros(embed.num_classes + 1, 1, dtype=torch.bool, device=embed.class_embedder.weight.device)
+    mask[rows] = True
+    embed.class_embedder.weight.requires_grad_(True)
+    return embed.class_embedder.weight.register_hook(lambda grad: grad * mask)
+
+
+def class_rows_state_dict(model: nn.Module, initial_table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The label-table rows that differ from `initial_table` (the table as `resize_class_embedding` left it before
+    training), as the tensors saved beside a LoRA adapter: `<table>.class_rows` [K, D], `<table>.class_row_ids` [K]
+    and `<table>.num_classes` (0-d). `load_class_rows` rebuilds the table from the base model and these."""
+    prefix, embed = class_table(model)
+    table = embed.class_embedder.weight.detach()
+    if table.shape != initial_table.shape:
+        raise ValueError(f"`initial_table` is {tuple(initial_table.shape)}, the model's table {tuple(table.shape)}.")
+    ids = (table != initial_table.to(table)).any(dim=1).nonzero().flatten()
+    if embed.num_classes in ids:
+        raise ValueError(
+            f"The null class row (id {embed.num_classes}) changed in training: the fine-tune overwrote the "
+            "unconditional model. Train new rows with `train_class_rows`, which keeps it."
+        )
+    return {
+        f"{prefix}.class_rows": table[ids].clone(),
+        f"{prefix}.class_row_ids": ids.cpu(),
+        f"{prefix}.num_classes": torch.tensor(embed.num_classes),
+    }
+
+
+@torch.no_grad()
+def load_class_rows(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Grow the label table to the saved `num_classes` by `resize_class_embedding`'s rule (classes kept by id, the
+    null row moved to the new last index) and write the saved rows into it (the inverse of `class_rows_state_dict`).
+    `state_dict` holds exactly the three tensors; a saved table smaller than the model's, or a row that would
+    overwrite the null class, raises a ValueError."""
+    prefix, embed = class_table(model)
+    expected = {f"{prefix}.{k}" for k in ("class_rows", "class_row_ids", "num_classes")}
+    if set(state_dict) != expected:
+        raise ValueError(f"Class rows must be the tensors {sorted(expected)}, got {sorted(state_dict)}.")
+    rows, ids = state_dict[f"{prefix}.class_rows"], state_dict[f"{prefix}.class_row_ids"].long()
+    num_classes = int(state_dict[f"{prefix}.num_classes"])
+    if num_classes < embed.num_classes:
+        raise ValueError(
+            f"The class rows are for {num_classes} classes, fewer than the model's {embed.num_classes}: they were "
+            "trained from another base model."
+        )
+    dim = embed.class_embedder.embedding_dim
+    if rows.ndim != 2 or rows.shape != (len(ids), dim):
+        raise ValueError(f"`class_rows` must be [{len(ids)}, {dim}] for this model, got {tuple(rows.shape)}.")
+    bad = [int(i) for i in ids if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(
+            f"`class_row_ids` {bad} would overwrite the null class (id {num_classes}) or lie outside the table; "
+            f"allowed: class ids in [0, {num_classes})."
+        )
+    if num_classes > embed.num_classes:
+        resize_class_embedding(model, num_classes)
+    weight = embed.class_embedder.weight
+    weight[ids.to(weight.device)] = rows.to(weight)

@@ -1,5 +1,5 @@
-"""Classifier-free guidance as DiffiT samples with it (SPEC.md §3): a weight w(t) per step, applied to the leading
-latent channels only.
+"""Classifier-free guidance as DiffiT samples with it (docs/diffit-equations.md#guidance): a weight w(t) per step,
+applied to the leading latent channels only.
 
     ε̃[:, :g] = ε_u[:, :g] + w(t)·(ε_c[:, :g] − ε_u[:, :g]),   ε̃[:, g:] = ε_c[:, g:]
 
@@ -180,3 +180,84 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, weight: float, guid
     g = guided_channels
     guided = uncond[:, :g] + weight * (cond[:, :g] - uncond[:, :g])
     return torch.cat([guided, cond[:, g:]], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers' guiders (`diffusers.guiders`) in place of the recipe above
+
+# The predictions a class-conditional DiffiT makes for a guider, by the names guiders give them.
+GUIDER_PREDICTIONS = {
+    "pred_cond": "the class labels",
+    "pred_uncond": "the null class",
+    "pred_cond_skip": "the class labels, with whole transformer blocks skipped (SkipLayerGuidance)",
+}
+# Where guiders that perturb the model keep the blocks they hook (`LayerSkipConfig` / `SmoothedEnergyGuidanceConfig`).
+# Only whole-block skips reach DiffiT's blocks: in inference the block runs its MLP (and attention) through the
+# attention processor's own kernels, past the hooks diffusers puts on the `ff` / attention submodules.
+GUIDER_LAYER_CONFIGS = ("skip_layer_config", "auto_guidance_config", "seg_guidance_config")
+
+
+def check_guider(guider, transformer) -> None:
+    """Raise a `ValueError` naming the guider and what is missing unless `DiffiTPipeline` can drive `guider` with
+    `transformer`: a `diffusers.guiders.BaseGuidance` whose predictions are all in `GUIDER_PREDICTIONS`, on a
+    class-conditional model, skipping whole `transformer_blocks.N` that exist. None (DiffiT's recipe) always passes.
+    A layer config whose `indices` is a bare int (what diffusers 0.42's `skip_layer_guidance_layers=` / `auto_guidance_
+    layers=` build, and its own hooks cannot iterate) is made a list in place."""
+    from diffusers.guiders import BaseGuidance
+    from diffusers.hooks import LayerSkipConfig
+
+    if guider is None:
+        return
+    if not isinstance(guider, BaseGuidance):
+        raise ValueError(
+            f"`guider` must be None (DiffiT's guidance recipe) or a diffusers guider (`diffusers.guiders`), got "
+            f"{type(guider).__name__}."
+        )
+    name = type(guider).__name__
+    unknown = [p for p in guider._input_predictions if p not in GUIDER_PREDICTIONS]
+    if unknown:
+        makes = "; ".join(f"{k}: {v}" for k, v in GUIDER_PREDICTIONS.items())
+        raise ValueError(
+            f"{name} needs the predictions {unknown}, which DiffiTPipeline cannot make: its model is conditioned on "
+            f"a class label alone, and it makes {makes}."
+        )
+    if transformer.config.num_classes == 0:
+        raise ValueError(
+            f"{name} guides with unconditional predictions, but this model is unconditional (num_classes=0); use "
+            "`guider=None`."
+        )
+    configs = [c for attribute in GUIDER_LAYER_CONFIGS for c in getattr(guider, attribute, None) or []]
+    if not configs:
+        return
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ValueError(
+            f"{name} hooks transformer blocks (`transformer_blocks.N`), which {type(transformer).__name__} does not "
+            "have; use a guider that does not perturb the model (ClassifierFreeGuidance, "
+            "ClassifierFreeZeroStarGuidance, AdaptiveProjectedGuidance, ...) or DiffiTTransformer2DModel."
+        )
+    for config in configs:
+        whole_blocks = isinstance(config, LayerSkipConfig) and config.skip_attention and config.skip_ff
+        if not whole_blocks or config.skip_attention_scores:
+            raise ValueError(
+                f"{name} perturbs parts of blocks ({type(config).__name__}: attention, attention scores or the MLP), "
+                "which DiffiT's blocks do not expose to diffusers' hooks; skip whole blocks instead "
+                "(`LayerSkipConfig(indices, skip_attention=True, skip_ff=True)`, SkipLayerGuidance's default)."
+            )
+        # diffusers 0.42's `*_layers=` form stores a bare int, which its own hooks cannot iterate
+        if isinstance(config.indices, int):
+            config.indices = [config.indices]
+        if config.fqn not in ("auto", "transformer_blocks"):
+            raise ValueError(
+                f"{name} hooks blocks under {config.fqn!r}; DiffiT's blocks are `transformer_blocks` (fqn='auto' or "
+                "'transformer_blocks')."
+            )
+        outside = [i for i in config.indices if not 0 <= i < len(blocks)]
+        if outside:
+            raise ValueError(
+                f"{name} hooks transformer blocks {outside}, but this model has blocks 0…{len(blocks) - 1} "
+                f"(num_layers={len(blocks)})."
+            )
+    from .models.cache import register_diffit_block  # here: remote code without the package can still guide
+
+    register_diffit_block()

@@ -1,0 +1,4 @@
+from .lora_diffit import DiffiTLoraLoaderMixin
+
+
+__all__ = ["DiffiTLoraLoaderMixin"]
