@@ -2,8 +2,11 @@
 
 Each step, with guidance on:   [x; x], labels [y; null] -> model -> (cond, uncond) -> guided ε (+ cond's variance)
                                -> scheduler.step(..., generator) -> x
+With a diffusers guider (`pipe.guider`): one forward per batch the guider asks for (labels for "pred_cond", the null
+class for "pred_uncond") -> the guider combines the ε channels -> guided ε (+ cond's variance) -> scheduler.step.
 Latent models (a VAE is registered) decode with `vae.decode(x / scaling_factor)`; pixel-space models (vae=None) output
-images in [-1, 1] directly. The official recipe (SPEC.md §3) is `OFFICIAL_RECIPES` + `official_scheduler()`.
+images in [-1, 1] directly. The official recipe (docs/diffit-equations.md#sampling) is `OFFICIAL_RECIPES` +
+`official_scheduler()`.
 """
 
 import contextlib
@@ -20,21 +23,24 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders import BaseGuidance
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..guidance import apply_guidance, check_guidance_recipe, guidance_weight, schedule_horizon
+from ..guidance import apply_guidance, check_guidance_recipe, check_guider, guidance_weight, schedule_horizon
 from ..hub import HUB_DOWNLOAD_KWARGS, download_pipeline
 from ..labels import imagenet_id2label, lookup_label_ids, normalize_id2label
+from ..loaders import DiffiTLoraLoaderMixin
+from ..memory import check_fits, check_max_batch_size, sample_in_batches
 from ..schedulers.compatibility import COMPATIBLE, check_scheduler, infer_denoiser_type, scheduler_class
 from ..utils import denormalize_latents, resolve_dtype, vae_scale_factor
 
 
 logger = logging.getLogger(__name__)
 
-# What NVIDIA's FID numbers were measured with (SPEC.md §3), by image side in pixels.
+# What NVIDIA's FID numbers were measured with (docs/diffit-equations.md#sampling), by image side in pixels.
 OFFICIAL_RECIPES = {
     256: dict(
         num_inference_steps=250,
@@ -75,7 +81,7 @@ def official_scheduler() -> DDPMScheduler:
     )
 
 
-class DiffiTPipeline(DiffusionPipeline):
+class DiffiTPipeline(DiffusionPipeline, DiffiTLoraLoaderMixin):
     r"""
     Sampling for DiffiT denoisers: the latent `DiffiTTransformer2DModel` (with a VAE) or a pixel-space model
     (`vae=None`), class-conditional or unconditional.
@@ -89,6 +95,13 @@ class DiffiTPipeline(DiffusionPipeline):
             variance is passed on only to DDPM with `variance_type="learned"/"learned_range"`; the other schedulers
             get ε alone.
         vae: decodes latents; None for pixel-space models.
+        guider: a diffusers guider (`diffusers.guiders`: `ClassifierFreeGuidance`, `ClassifierFreeZeroStarGuidance`,
+            `AdaptiveProjectedGuidance`, `SkipLayerGuidance` with `transformer_blocks.N`, ...) used instead of
+            DiffiT's recipe, saved and loaded with the pipeline; None (the default) = DiffiT's recipe below. The
+            guider guides the ε channels (all of them; the learned variance stays the conditional prediction's),
+            with the null class as the unconditional input. One it cannot drive (predictions other than
+            `guidance.GUIDER_PREDICTIONS`, an unconditional model, anything but whole-block skips of existing
+            `transformer_blocks.N`) raises a `ValueError` when assigned (`pipe.guider = ...`).
         id2label: class id -> names (list of synonyms, or one comma-separated string). None with a 1000-class model
             means the ImageNet-1k names shipped with the package.
         num_inference_steps, guidance_scale, guidance_schedule, guidance_power, guided_channels, guidance_interval:
@@ -100,7 +113,7 @@ class DiffiTPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "guider"]
     # "prompt_embeds" is the class-label conditioning of the model batch (int64 ids; [labels; null] while guiding),
     # under the name diffusers' stock CFG callbacks read. It is for reading: the labels are rebuilt every step.
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
@@ -110,6 +123,7 @@ class DiffiTPipeline(DiffusionPipeline):
         transformer: ModelMixin,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
+        guider: BaseGuidance | None = None,
         id2label: dict | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
@@ -120,7 +134,7 @@ class DiffiTPipeline(DiffusionPipeline):
         denoiser_type: str | None = None,
     ):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, guider=guider)
         config = transformer.config
         if id2label is not None:
             id2label = normalize_id2label(id2label, num_classes=config.num_classes)
@@ -135,11 +149,14 @@ class DiffiTPipeline(DiffusionPipeline):
         self.scheduler = scheduler  # through the gate in __setattr__, now that denoiser_type is registered
         self.vae_scale_factor = vae_scale_factor(vae)
         self._interrupt = False
+        self._current_timestep = None
 
     def __setattr__(self, name, value):
         # `pipe.scheduler = X`: refuse a scheduler that cannot drive the model before it samples noise
         if name == "scheduler" and "denoiser_type" in self.__dict__.get("_internal_dict", {}):
             value = check_scheduler(value, self.denoiser_type, self.__dict__.get("scheduler"))
+        if name == "guider":  # `pipe.guider = X`: refuse a guider this pipeline cannot drive before any sampling
+            check_guider(value, self.transformer)
         super().__setattr__(name, value)
 
     @property
@@ -194,6 +211,12 @@ class DiffiTPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep of the running step (None outside a call), e.g. for `PyramidAttentionBroadcastConfig(
+        current_timestep_callback=lambda: pipe.current_timestep)`."""
+        return self._current_timestep
+
+    @property
     def interrupt(self) -> bool:
         """Set `pipe._interrupt = True` in a step-end callback to stop after that step."""
         return self._interrupt
@@ -209,6 +232,9 @@ class DiffiTPipeline(DiffusionPipeline):
         diffusers 0.42 does not download repos whose model_index.json names a third-party library)."""
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_DOWNLOAD_KWARGS if k in kwargs}
         folder = download_pipeline(pretrained_model_name_or_path, **hub_kwargs)
+        from ..loading import check_pipeline_folder  # not in remote code: plain diffusers checks nothing here
+
+        check_pipeline_folder(folder)  # a damaged file: a ValueError naming it and the fix, before anything is built
         return super().from_pretrained(folder, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, remote_code: bool = False, **kwargs) -> None:
@@ -278,12 +304,23 @@ class DiffiTPipeline(DiffusionPipeline):
             **OFFICIAL_RECIPES[image_size],
         )
 
-    def check_inputs(self, num_inference_steps, recipe: dict, output_type, callback_on_step_end_tensor_inputs) -> dict:
-        """Every argument checked before any work; `recipe` is the guidance recipe with the defaults filled in.
-        Returns it normalised (`check_guidance_recipe`)."""
+    def check_inputs(
+        self, num_inference_steps, recipe: dict, output_type, callback_on_step_end_tensor_inputs, recipe_arguments=()
+    ) -> dict:
+        """Every argument checked before any work; `recipe` is the guidance recipe with the defaults filled in,
+        `recipe_arguments` the names of those the call gave (refused with a guider). Returns the recipe normalised
+        (`check_guidance_recipe`)."""
         config = self.transformer.config
         check_steps(num_inference_steps)
         recipe = check_guidance_recipe(**recipe, in_channels=config.in_channels)
+        if self.guider is not None:
+            check_guider(self.guider, self.transformer)  # the model may have changed since the guider was assigned
+            if recipe_arguments:
+                raise ValueError(
+                    f"{', '.join(f'`{k}`' for k in recipe_arguments)}: DiffiT's guidance recipe, which the pipeline's "
+                    f"guider ({type(self.guider).__name__}) replaces; configure the guider instead (e.g. "
+                    "`pipe.guider = pipe.guider.new(guidance_scale=...)`), or set `pipe.guider = None` for the recipe."
+                )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -386,6 +423,8 @@ class DiffiTPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        attention_kwargs: dict | None = None,
+        max_batch_size: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Args:
@@ -413,8 +452,15 @@ class DiffiTPipeline(DiffusionPipeline):
                 diffusers' `SDCFGCutoffCallback`. It may change the live recipe (`pipe._guidance_scale`,
                 `_guidance_schedule`, `_guidance_power`, `_guided_channels`, `_guidance_interval`) for the next steps.
             callback_on_step_end_tensor_inputs: tensors passed in `callback_kwargs` (from `_callback_tensor_inputs`).
+            attention_kwargs: passed to the transformer; `{"scale": s}` scales the loaded LoRA adapters
+                (`load_lora_weights`) by s, 0 = the base model.
+            max_batch_size: at most this many images per forward batch; a larger request runs in batches (with a
+                progress bar over them) giving the same images (`diffusers_diffit.memory.sample_in_batches` states the
+                generator rule). A batch estimated not to fit in the memory available is refused before any work.
 
         Every recipe argument left as None takes the pipeline's config value (`pipe.config.guidance_scale`, ...).
+        With a guider (`pipe.guider`) the guider's own configuration guides instead: the saved recipe is not used and
+        recipe arguments raise a `ValueError` (configure the guider, or set `pipe.guider = None`).
 
         Examples:
         ```py
@@ -425,6 +471,32 @@ class DiffiTPipeline(DiffusionPipeline):
         >>> image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # official recipe
         ```
         """
+        # 0. Memory: a batch that cannot fit is refused before any work; a request over `max_batch_size` is split
+        check_max_batch_size(max_batch_size)
+        ids = self.prepare_class_labels(class_labels, num_images_per_label, "cpu")
+        images = num_images_per_label if ids is None else len(ids)
+        check_fits(self, images, max_batch_size, self._execution_device)
+        if max_batch_size is not None and images > max_batch_size:
+            return sample_in_batches(
+                self,
+                ids,
+                images,
+                max_batch_size,
+                generator,
+                latents,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                guidance_schedule=guidance_schedule,
+                guidance_power=guidance_power,
+                guided_channels=guided_channels,
+                guidance_interval=guidance_interval,
+                output_type=output_type,
+                return_dict=return_dict,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                attention_kwargs=attention_kwargs,
+            )
+
         # 1. Check inputs, the recipe's defaults filled in from the config
         cfg = self.config
         num_inference_steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -438,7 +510,13 @@ class DiffiTPipeline(DiffusionPipeline):
         recipe = {key: cfg[key] if value is None else value for key, value in given.items()}
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        recipe = self.check_inputs(num_inference_steps, recipe, output_type, callback_on_step_end_tensor_inputs)
+        recipe = self.check_inputs(
+            num_inference_steps,
+            recipe,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            recipe_arguments=[key for key, value in given.items() if value is not None],
+        )
         for key, value in recipe.items():
             setattr(self, f"_{key}", value)
         self._interrupt = False
@@ -464,26 +542,36 @@ class DiffiTPipeline(DiffusionPipeline):
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
 
+        # diffusers' UNet2DModel (the digits baseline) takes no attention_kwargs
+        model_kwargs = {"return_dict": False} | ({"attention_kwargs": attention_kwargs} if attention_kwargs else {})
+
         # 5. Denoising loop (the weights are fixed for the call: the model may reuse what it derives from them)
         cache = getattr(self.transformer, "inference_cache", None)
+        self._reset_cache_hooks()
         with cache() if cache is not None else contextlib.nullcontext():
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if self.interrupt:
                     break
-                interval = self.guidance_interval
-                guided = conditional and self.do_classifier_free_guidance
-                guided = guided and (interval is None or interval[0] <= float(t) <= interval[1])
+                self._current_timestep = t
                 model_input = self.scheduler.scale_model_input(latents, t)
-                model_labels = torch.cat([labels, null]) if guided else labels
-                if guided:
-                    model_input = torch.cat([model_input, model_input])
-                output = self.transformer(
-                    model_input, t.expand(model_input.shape[0]), class_labels=model_labels, return_dict=False
-                )[0]
-                if guided:
-                    output = apply_guidance(
-                        *output.chunk(2), self._guidance_weight(t), self.guided_channels or config.in_channels
-                    )
+                if self.guider is not None:
+                    output, model_labels = self._guider_prediction(model_input, t, i, labels, null, model_kwargs)
+                else:
+                    interval = self.guidance_interval
+                    guided = conditional and self.do_classifier_free_guidance
+                    guided = guided and (interval is None or interval[0] <= float(t) <= interval[1])
+                    model_labels = torch.cat([labels, null]) if guided else labels
+                    if guided:
+                        model_input = torch.cat([model_input, model_input])
+                    # one cache context per batch composition: a cache compares a step with the last of the same kind
+                    with self._cache_context("cond_uncond" if guided else "cond", i, t):
+                        output = self.transformer(
+                            model_input, t.expand(model_input.shape[0]), class_labels=model_labels, **model_kwargs
+                        )[0]
+                    if guided:
+                        output = apply_guidance(
+                            *output.chunk(2), self._guidance_weight(t), self.guided_channels or config.in_channels
+                        )
                 if not keep_variance:
                     output = output[:, : config.in_channels]  # ε (or F_θ) alone; a no-op for models without variance
                 latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
@@ -493,6 +581,9 @@ class DiffiTPipeline(DiffusionPipeline):
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
+
+        self._current_timestep = None
+        self._reset_cache_hooks()  # no cache state outlives the call (the next may differ in batch size or labels)
 
         # 6. Decode
         images = latents if output_type == "latent" else self._postprocess(self._decode(latents), output_type)
@@ -506,6 +597,40 @@ class DiffiTPipeline(DiffusionPipeline):
         other scheduler gets ε (or F_θ) alone."""
         ddpm = isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler))
         return ddpm and self.scheduler.config.variance_type in _LEARNED_VARIANCE
+
+    def _guider_prediction(self, model_input, t, step: int, labels, null, model_kwargs) -> tuple:
+        """The guider's step: one forward per batch it asks for (each between its `prepare_models` and
+        `cleanup_models`, which add and remove its hooks), the labels [y] or [null] by the prediction each batch is
+        for; the guider combines the ε channels. Returns (guided ε + the conditional prediction's remaining channels
+        (the learned variance) [B, C_out, H, W], the labels of those forwards concatenated)."""
+        guider, channels = self.guider, self.transformer.config.in_channels
+        guider.set_state(step=step, num_inference_steps=self._num_timesteps, timestep=t)
+        batches = guider.prepare_inputs({"class_labels": (labels, null)})
+        for batch in batches:
+            guider.prepare_models(self.transformer)
+            with self._cache_context(getattr(batch, guider._identifier_key), step, t):
+                output = self.transformer(
+                    model_input, t.expand(model_input.shape[0]), class_labels=batch.class_labels, **model_kwargs
+                )[0]
+            guider.cleanup_models(self.transformer)
+            batch.noise_pred = output[:, :channels]  # [B, C, H, W]: ε (or F_θ) alone
+            if getattr(batch, guider._identifier_key) == "pred_cond":
+                rest = output[:, channels:]  # [B, C_out - C, H, W]
+        guided = guider(batches).pred
+        return torch.cat([guided, rest], dim=1), torch.cat([batch.class_labels for batch in batches])
+
+    def _cache_context(self, name: str, step: int, t: torch.Tensor):
+        """`transformer.cache_context(...)` around one forward: diffusers' cache hooks keep one state per `name`.
+        A denoiser without `CacheMixin` (diffusers' `UNet2DModel`) gets no context."""
+        if not hasattr(self.transformer, "cache_context"):
+            return contextlib.nullcontext()
+        return self.transformer.cache_context(
+            name, step_index=step, num_inference_steps=self._num_timesteps, timestep=float(t)
+        )
+
+    def _reset_cache_hooks(self) -> None:
+        if getattr(self.transformer, "is_cache_enabled", False):
+            self.transformer._reset_stateful_cache()
 
     def _guidance_weight(self, t: torch.Tensor) -> float:
         """w(t) of the live recipe."""

@@ -1,5 +1,6 @@
-"""DiffiTPipeline: the official sampler reproduced against a reference loop written from SPEC.md §3, every scheduler,
-guidance, labels, outputs, callbacks, save/load and bad inputs. Tiny models on CPU.
+"""DiffiTPipeline: the official sampler reproduced against a reference loop written from
+docs/diffit-equations.md#sampling, every scheduler, guidance, labels, outputs, callbacks, save/load and bad inputs.
+Tiny models on CPU.
 
 Determinism: a comparison is bitwise only between two runs of one pipeline object in one process with the same batch
 shapes at every step (same weights in the same memory, same kernels). Anything that may pick other kernels —
@@ -35,51 +36,19 @@ from diffusers.schedulers import scheduling_ddpm
 from diffusers_diffit.cli import build_parser
 from diffusers_diffit.cli import main as cli_main
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES, GuidanceSchedule, guidance_weight, register_guidance_schedule
-from diffusers_diffit.models import DiffiTTransformer2DModel, DiffiTUNet2DModel
+from diffusers_diffit.models import DiffiTUNet2DModel
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, RECIPE_KEYS, DiffiTPipeline, official_scheduler
 from diffusers_diffit.schedulers import EDMHeunScheduler
-from tests.utils import TINY_TRANSFORMER, relative_error, tiny_vae
+from tests.utils import make_pipe, relative_error, tiny_transformer
 
 
-# diffusers' Euler / LMS / KDPM2 schedulers meet numpy 2 with a deprecation warning per step (their side)
-pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # diffusers' Euler / LMS / KDPM2 schedulers meet numpy 2 with a deprecation warning per step (their side)
+    pytest.mark.filterwarnings("ignore:__array:DeprecationWarning"),
+]
 
 NUM_CLASSES = 10
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared machine they only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_transformer(in_channels=4, learned_sigma=True, num_classes=NUM_CLASSES, seed=0) -> DiffiTTransformer2DModel:
-    torch.manual_seed(seed)
-    model = DiffiTTransformer2DModel(
-        **{
-            **TINY_TRANSFORMER,
-            "in_channels": in_channels,
-            "out_channels": in_channels * (2 if learned_sigma else 1),
-            "num_classes": num_classes,
-        }
-    )
-    if num_classes:  # labels that matter a lot, so that any guidance slip shows in the final latents
-        torch.nn.init.normal_(model.condition_embed.class_embedder.weight, std=30.0)
-    return model.eval()
-
-
-def make_pipe(transformer=None, scheduler=None, vae="tiny", **config) -> DiffiTPipeline:
-    pipe = DiffiTPipeline(
-        transformer or tiny_transformer(),
-        scheduler or official_scheduler(),
-        vae=tiny_vae() if vae == "tiny" else vae,
-        **config,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def gen(seed: int) -> torch.Generator:
@@ -87,7 +56,8 @@ def gen(seed: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Exactness against the official sampling loop (SPEC.md §3), written here from the formulas in float64
+# Exactness against the official sampling loop (docs/diffit-equations.md#sampling), written here from the formulas
+# in float64
 
 
 def official_loop(model, x_T, labels, noises, w, schedule, p=4.0, guided=3, steps=250):
