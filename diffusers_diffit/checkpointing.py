@@ -6,12 +6,16 @@ import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
+import torch
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
 
 
 logger = logging.getLogger(__name__)
+PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
 
 
 def register_diffusers_hooks(accelerator, ema: EMAModel | None = None, ema_device: str | None = None) -> None:
@@ -27,7 +31,11 @@ def register_diffusers_hooks(accelerator, ema: EMAModel | None = None, ema_devic
 
     def load_hook(models, checkpoint_dir):
         target = accelerator.unwrap_model(models.pop())
-        target.load_state_dict(type(target).from_pretrained(checkpoint_dir, subfolder="model").state_dict())
+        if getattr(target, "peft_config", None):  # LoRA layers: `from_pretrained` would drop them; load them as saved
+            state = load_file(os.path.join(checkpoint_dir, "model", "diffusion_pytorch_model.safetensors"))
+        else:
+            state = type(target).from_pretrained(checkpoint_dir, subfolder="model").state_dict()
+        target.load_state_dict(state)
         if ema is not None:
             ema.load_state_dict(
                 EMAModel.from_pretrained(os.path.join(checkpoint_dir, "model_ema"), type(target)).state_dict()
@@ -63,7 +71,8 @@ class CheckpointManager:
     lacks: `save(step)` writes into `.tmp-checkpoint-<step>` (every process writes its own RNG file there, so
     `output_dir` must be on a filesystem all processes share), flushes it to disk, writes the
     `checkpoint_complete.json` marker, and only then renames the folder to `checkpoint-<step>` (atomic on POSIX).
-    `latest()` considers only folders with the marker. Old checkpoints beyond `total_limit` are removed after the
+    A failed write (a full disk: `OSError` ENOSPC) removes the `.tmp` folder and raises an `OSError` that says so;
+    the complete checkpoints are untouched. `latest()` considers only folders with the marker. Old checkpoints beyond `total_limit` are removed after the
     new one is complete, renamed to `.trash-*` first so that a half-deleted folder is never picked; `remove_partial()`
     clears the leftovers of a killed run. (accelerate's own `automatic_checkpoint_naming` + `total_limit`, in 1.15,
     deletes old checkpoints before writing the new one and resumes from the newest folder whether or not it was
@@ -126,11 +135,20 @@ class CheckpointManager:
         if self.accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
+        try:
+            self.accelerator.save_state(str(tmp))
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                (tmp / self.MARKER).write_text(json.dumps({"step": step}))
+                _fsync_tree(tmp)
+        except OSError as e:  # e.g. ENOSPC: a full disk
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(
+                e.errno,
+                f"Saving checkpoint {final} failed ({e}); the previous checkpoints are intact and {tmp} was "
+                "removed. Free space, then continue with --resume_from_checkpoint latest.",
+            ) from e
         if self.accelerator.is_main_process:
-            (tmp / self.MARKER).write_text(json.dumps({"step": step}))
-            _fsync_tree(tmp)
             if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, never merge
                 trash = self.output_dir / f".trash-checkpoint-{step}"
                 os.replace(final, trash)
@@ -153,3 +171,32 @@ class CheckpointManager:
             os.replace(path, trash)
             shutil.rmtree(trash)
             logger.info(f"Removed old checkpoint {path}")
+
+
+class SigtermFlag:
+    """Inside `with`, SIGTERM (what Slurm and Kubernetes send a while before they kill a job) no longer ends the
+    process: it is noted, and the training loop asks `received_anywhere()` after each optimizer step, then saves a
+    checkpoint and stops. All processes agree on the answer, so they stop at the same step. The previous handler is
+    back on leaving the block."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> "SigtermFlag":
+        self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def received_anywhere(self) -> bool:
+        """Whether any process has received SIGTERM (a collective call with several processes)."""
+        if self.accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor([float(self.received)], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0

@@ -85,7 +85,8 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
 
 class HybridDiffusionLoss:
     """L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021, "improved DDPM"; ADM and DiT train with it, and so did
-    DiffiT), for a model whose output is [ε̂ ‖ v] with the learned-range variance of SPEC.md §3.
+    DiffiT), for a model whose output is [ε̂ ‖ v] with the learned-range variance
+    (docs/diffit-equations.md#ddpm-hybrid).
 
     - L_simple = mean over dims of (ε − ε̂)².
     - L_vlb, in bits per dimension: KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) for t > 0, and the discretized

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffusers_diffit.data import ImageDataset, load_vae, vae_fingerprint
+from diffusers_diffit.data import ON_BAD_IMAGE, ImageDataset, load_vae, vae_fingerprint
 from diffusers_diffit.utils import DTYPES, dtype_name, vae_scale_factor
 
 
@@ -44,7 +44,19 @@ def parse_args(argv=None):
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--cache_dir")
-    parser.add_argument("--resolution", type=int, required=True, help="Image side before encoding.")
+    parser.add_argument(
+        "--resolution", type=int, required=True, help="Image side before encoding (smaller images are upscaled)."
+    )
+    parser.add_argument(
+        "--on_bad_image",
+        choices=ON_BAD_IMAGE,
+        default="error",
+        help="--train_data_dir files that cannot be read: 'error' stops before encoding, naming the file; 'skip' "
+        "leaves them out (as train_diffit.py does).",
+    )
+    parser.add_argument(
+        "--allow_empty_classes", action="store_true", help="Keep class folders without usable images (as ids)."
+    )
     parser.add_argument("--flip", action="store_true", help="Also store the moments of the flipped images.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -61,6 +73,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("pass exactly one of --train_data_dir / --dataset_name")
+    if not args.train_data_dir and (args.on_bad_image != "error" or args.allow_empty_classes):
+        parser.error("--on_bad_image and --allow_empty_classes apply to --train_data_dir only")
     for name in ("resolution", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -74,7 +88,14 @@ def main(argv=None):
     vae = load_vae(args.vae).to(accelerator.device).eval().requires_grad_(False)
     channels = vae.config.in_channels  # 1 for a grayscale VAE, 3 for the SD-VAE
     if args.train_data_dir is not None:
-        dataset = ImageDataset.from_folder(args.train_data_dir, args.resolution, channels=channels, center_crop=True)
+        dataset = ImageDataset.from_folder(
+            args.train_data_dir,
+            args.resolution,
+            on_bad_image=args.on_bad_image,
+            allow_empty_classes=args.allow_empty_classes,
+            channels=channels,
+            center_crop=True,
+        )
     else:
         dataset = ImageDataset.from_hub(
             args.dataset_name,
@@ -143,6 +164,15 @@ def main(argv=None):
             for k, v in tensors.items()
             if v
         }
+        for name in ("moments", "moments_flipped"):  # e.g. a VAE in fp16 that overflows, or --dtype float16
+            bad = (~torch.isfinite(tensors[name].flatten(1)).all(1)).nonzero().flatten() if name in tensors else []
+            if len(bad):
+                item = indices[bad[0].item()]
+                source = dataset.load_image.paths[item] if args.train_data_dir else f"row {item}"
+                raise ValueError(
+                    f"The VAE encoded {len(bad)} image(s) of {names[shard]} to non-finite {name!r} (NaN or inf), "
+                    f"the first {source}; try --mixed_precision no and --dtype fp32."
+                )
         tmp = path.with_name(f".tmp-{path.name}")
         save_file(tensors, str(tmp), metadata={"settings": json.dumps(settings)})
         os.replace(tmp, path)

@@ -10,7 +10,8 @@ One loop for every model kind; what a step minimises is the `--objective` (diffu
 Labels are replaced by the null class with probability `--label_dropout` (classifier-free guidance). All randomness of
 a step (noise, timesteps, VAE posterior samples, label dropout, dropout) is drawn from seeds that depend only on
 (--seed, optimizer step, micro-batch, process), and the data order and augmentation only on (--seed, epoch), so a run
-resumed with `--resume_from_checkpoint latest` ends with the weights of an uninterrupted one.
+resumed with `--resume_from_checkpoint latest` ends with the weights of an uninterrupted one. On SIGTERM (a cluster's
+preemption) the run finishes its step, saves a checkpoint and exits with status 143.
 
 The output is a pipeline folder that `DiffiTPipeline.from_pretrained(output_dir)` loads (EMA weights with --use_ema),
 with a model card; `checkpoint-<step>` folders sit next to it.
@@ -32,30 +33,49 @@ from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid, numpy_to_pil
 from huggingface_hub import ModelCard
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers_diffit import (
-    DIFFIT_CONFIGS,
-    DIFFIT_UNET_CONFIGS,
     DiffiTPipeline,
     DiffiTTransformer2DModel,
     DiffiTUNet2DModel,
     EDMHeunScheduler,
     official_scheduler,
 )
-from diffusers_diffit.checkpointing import CheckpointManager, register_diffusers_hooks
-from diffusers_diffit.data import ImageDataset, LatentDataset, latents_vae_location, load_vae, vae_fingerprint
-from diffusers_diffit.data.digits import DIGITS_CONFIGS, DIGITS_LATENT_CONFIG
-from diffusers_diffit.finetuning import default_class_map, resize_class_embedding, set_class_dropout_prob
+from diffusers_diffit.checkpointing import (
+    PREEMPTED_EXIT_STATUS,
+    CheckpointManager,
+    SigtermFlag,
+    register_diffusers_hooks,
+)
+from diffusers_diffit.configs import MODEL_CONFIGS
+from diffusers_diffit.data import (
+    ON_BAD_IMAGE,
+    ImageDataset,
+    LatentDataset,
+    latents_vae_location,
+    load_vae,
+    vae_fingerprint,
+)
+from diffusers_diffit.finetuning import (
+    class_rows_state_dict,
+    class_table,
+    default_class_map,
+    resize_class_embedding,
+    set_class_dropout_prob,
+    train_class_rows,
+)
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, download_pipeline, push_to_hub
-from diffusers_diffit.losses import OBJECTIVES
+from diffusers_diffit.losses import OBJECTIVES, DDPMHybridObjective, EDMObjective
 from diffusers_diffit.pipelines import RECIPE_KEYS
 from diffusers_diffit.schedulers.compatibility import scheduler_support
 from diffusers_diffit.seeding import derive_seed
@@ -64,14 +84,14 @@ from diffusers_diffit.utils import normalize_latents, vae_scale_factor
 
 logger = get_logger(__name__)
 MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel, UNet2DModel)}
-# Named configs: {architecture: config with its `_class_name`}; "unet" is diffusers' UNet2DModel of about the same
-# size.
+# The named configurations (diffusers_diffit/configs.py) as {architecture: config with its `_class_name`}; "unet" is
+# the digits benchmark's baseline, diffusers' UNet2DModel of about the same size.
 NAMED_CONFIGS = {
-    **{name: {"diffit": {"_class_name": "DiffiTTransformer2DModel", **c}} for name, c in DIFFIT_CONFIGS.items()},
-    **{name: {"diffit": {"_class_name": "DiffiTUNet2DModel", **c}} for name, c in DIFFIT_UNET_CONFIGS.items()},
-    "DiffiT-digits": DIGITS_CONFIGS,
-    "DiffiT-digits-latent": {"diffit": DIGITS_LATENT_CONFIG},
+    name: {"diffit": {"_class_name": cls.__name__, **config}}
+    for name, (cls, config) in MODEL_CONFIGS.items()
+    if cls is not UNet2DModel
 }
+NAMED_CONFIGS["DiffiT-digits"]["unet"] = {"_class_name": "UNet2DModel", **MODEL_CONFIGS["UNet2D-digits"][1]}
 DEFAULT_OBJECTIVE = {"DiffiTTransformer2DModel": "ddpm-hybrid", "DiffiTUNet2DModel": "edm", "UNet2DModel": "edm"}
 
 
@@ -110,7 +130,7 @@ def parse_args(argv=None):
         "--num_classes",
         type=int,
         help="Classes of the trained model (0 = unconditional); "
-        "default: the dataset's class count. Fine-tuning re-shapes the label table (see README).",
+        "default: the dataset's class count. Fine-tuning re-shapes the label table (see docs/training.md).",
     )
     model.add_argument(
         "--objective",
@@ -123,6 +143,19 @@ def parse_args(argv=None):
         help="A pipeline folder whose scheduler and sampling defaults the written "
         "pipeline takes; default: the pretrained pipeline's, or the objective's default.",
     )
+    model.add_argument(
+        "--lora_rank",
+        type=int,
+        help="Fine-tune a LoRA adapter of this rank (PEFT) instead of every weight; the output is the adapter "
+        "(pytorch_lora_weights.safetensors, with the label rows of new classes) for `pipe.load_lora_weights`.",
+    )
+    model.add_argument("--lora_alpha", type=float, help="LoRA alpha (scale alpha / rank); default: the rank.")
+    model.add_argument(
+        "--lora_layers",
+        default="to_q,to_k,to_v,to_out",
+        help="Comma-separated module names the adapter wraps (default: TMSA's spatial q/k/v/out; the time-token "
+        "projections are to_q_time,to_k_time,to_v_time; see diffusers_diffit/loaders/lora_diffit.py).",
+    )
     data = p.add_argument_group("data")
     data.add_argument("--train_data_dir", help="ImageFolder: one sub-folder per class, sorted names -> label ids.")
     data.add_argument("--dataset_name", help="A 🤗 datasets name (optional dependency `datasets`).")
@@ -131,7 +164,24 @@ def parse_args(argv=None):
     data.add_argument("--label_column", default="label")
     data.add_argument("--cache_dir")
     data.add_argument("--latents_dir", help="VAE moments from precompute_latents.py (no VAE encoding per step).")
-    data.add_argument("--resolution", type=int, help="Image side; must match the model (default: derived from it).")
+    data.add_argument(
+        "--on_bad_image",
+        choices=ON_BAD_IMAGE,
+        default="error",
+        help="--train_data_dir files that cannot be read (empty, corrupt, truncated, an unsupported mode): 'error' "
+        "stops before training, naming the file; 'skip' leaves them out, logging each and the count.",
+    )
+    data.add_argument(
+        "--allow_empty_classes",
+        action="store_true",
+        help="Keep class folders without (usable) images as classes with no data, so the ids after them do not "
+        "change; default: an error naming them.",
+    )
+    data.add_argument(
+        "--resolution",
+        type=int,
+        help="Image side; must match the model (default: derived from it). Smaller images are upscaled (bicubic).",
+    )
     data.add_argument("--center_crop", action="store_true", help="Centre crops (default: random crops).")
     data.add_argument("--random_flip", action="store_true")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -190,34 +240,54 @@ def parse_args(argv=None):
     ckpt.add_argument("--hub_private_repo", action="store_true")
     ckpt.add_argument("--license", help='Model-card licence; default: the base model\'s, else "other".')
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
 
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """The checks of the flags on their own (a usage error, exit status 2). What needs the model or the data loaded is
+    checked by `check_inputs`; both run before any model is built or folder written."""
     if (args.pretrained_model_name_or_path is None) == (args.model_config_name_or_path is None):
-        p.error(
+        parser.error(
             "pass exactly one of --pretrained_model_name_or_path (fine-tune) / "
             "--model_config_name_or_path (from scratch)"
         )
     if sum(x is not None for x in (args.train_data_dir, args.dataset_name, args.latents_dir)) != 1:
-        p.error("pass exactly one of --train_data_dir / --dataset_name / --latents_dir")
+        parser.error("pass exactly one of --train_data_dir / --dataset_name / --latents_dir")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "checkpointing_steps"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.num_classes is not None and args.num_classes < 0:
-        p.error(f"--num_classes must be >= 0 (0 = unconditional), got {args.num_classes}")
+        parser.error(f"--num_classes must be >= 0 (0 = unconditional), got {args.num_classes}")
     if not 0 <= args.label_dropout < 1:
-        p.error(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
+        parser.error(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     if not 0 <= args.ema_decay < 1:
-        p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if not args.train_data_dir and (args.on_bad_image != "error" or args.allow_empty_classes):
+        parser.error("--on_bad_image and --allow_empty_classes apply to --train_data_dir only")
     if args.latents_dir and args.center_crop:
-        p.error("--center_crop does not apply to --latents_dir (latents were cropped when they were encoded)")
+        parser.error("--center_crop does not apply to --latents_dir (latents were cropped when they were encoded)")
     if args.recipe_from and not (Path(args.recipe_from) / "model_index.json").is_file():
-        p.error(f"--recipe_from {args.recipe_from!r} is not a pipeline folder (no model_index.json)")
+        parser.error(f"--recipe_from {args.recipe_from!r} is not a pipeline folder (no model_index.json)")
+    if args.lora_rank is not None:
+        if args.lora_rank < 1 or not args.pretrained_model_name_or_path:
+            parser.error(
+                f"--lora_rank must be >= 1 and fine-tune a --pretrained_model_name_or_path, got {args.lora_rank}"
+            )
+        if args.use_ema or args.adam_weight_decay:
+            parser.error(
+                "--lora_rank trains without --use_ema and with --adam_weight_decay 0 (decay would move the label "
+                "rows kept from the base model)"
+            )
+        args.lora_layers = [name.strip() for name in args.lora_layers.split(",") if name.strip()]
+    elif args.lora_alpha is not None:
+        parser.error("--lora_alpha needs --lora_rank")
     if args.pretrained_model_name_or_path and (args.architecture != "diffit" or args.config_overrides):
-        p.error("--architecture and --config_overrides apply to training from scratch only")
+        parser.error("--architecture and --config_overrides apply to training from scratch only")
     try:
         args.config_overrides = dict(_parse_override(item) for item in args.config_overrides)
     except ValueError as e:
-        p.error(f"--config_overrides: {e}")
-    return args
+        parser.error(f"--config_overrides: {e}")
 
 
 def _parse_override(item: str) -> tuple[str, object]:
@@ -259,7 +329,7 @@ def scratch_config(name: str, architecture: str, overrides: dict) -> tuple[type,
 
 def default_recipe(objective: str, config: dict) -> tuple:
     """(scheduler, sampling defaults) a new pipeline ships with: EDM Heun with 18 steps for an EDM denoiser (the
-    paper's CIFAR-10 setting); for a DDPM one SPEC.md §3's DDPM (learned-range variance when the model predicts it)
+    paper's CIFAR-10 setting); for a DDPM one NVIDIA's DDPM (learned-range variance when the model predicts it)
     with the release's 250 steps, no guidance."""
     if objective == "edm":
         return EDMHeunScheduler(), {"num_inference_steps": 18}
@@ -270,29 +340,38 @@ def default_recipe(objective: str, config: dict) -> tuple:
 
 
 @dataclass
-class Start:
-    """What a run starts from: the model's class and config (and the pretrained pipeline when fine-tuning), what a
-    step minimises, what the written pipeline samples with, and the VAE for latent models."""
+class RunSpec:
+    """What a run trains and what it writes: the model's class and config (and the pretrained pipeline when
+    fine-tuning), the VAE of a latent model, what a step minimises, the scheduler and sampling defaults of the written
+    pipeline, and the licence and base model of its model card."""
 
     model_cls: type
     config: dict
-    pipe: DiffiTPipeline | None = None
-    vae: object | None = None
-    objective: object = None  # set once the scheduler of the written pipeline is known
-    scheduler: object = None
+    pretrained: DiffiTPipeline | None = None
+    vae: AutoencoderKL | None = None
+    objective: EDMObjective | DDPMHybridObjective | None = (
+        None  # set once the scheduler of the written pipeline is known
+    )
+    scheduler: SchedulerMixin | None = None
     recipe: dict | None = None
     license: str = "other"
     base_model: str | None = None  # a Hub id, for the model card
+    initial_class_table: torch.Tensor | None = None  # --lora_rank: the label table before training
+
+    @property
+    def resolution(self) -> int:
+        """The side of the training images: the model's sample size, times the VAE's factor for a latent model."""
+        return self.config["sample_size"] * vae_scale_factor(self.vae)
 
 
-def starting_point(args) -> Start:
+def load_run_spec(args) -> RunSpec:
     """A pretrained pipeline (fine-tuning) or a config (from scratch); the objective, checked against the scheduler
     the written pipeline will sample with; the VAE."""
     if args.pretrained_model_name_or_path:
         folder = download_pipeline(args.pretrained_model_name_or_path)
         pipe = DiffiTPipeline.from_pretrained(folder)
         card = Path(folder) / "README.md"
-        start = Start(
+        spec = RunSpec(
             type(pipe.transformer),
             dict(pipe.transformer.config),
             pipe,
@@ -305,35 +384,102 @@ def starting_point(args) -> Start:
         default_objective = next(k for k, v in OBJECTIVES.items() if v.denoiser_type == pipe.denoiser_type)
     else:
         model_cls, config = scratch_config(args.model_config_name_or_path, args.architecture, args.config_overrides)
-        start = Start(model_cls, config)
+        spec = RunSpec(model_cls, config)
         default_objective = DEFAULT_OBJECTIVE[model_cls.__name__]
     objective_cls = OBJECTIVES[args.objective or default_objective]
-    recipe_pipe = DiffiTPipeline.from_pretrained(args.recipe_from) if args.recipe_from else start.pipe
+    recipe_pipe = DiffiTPipeline.from_pretrained(args.recipe_from) if args.recipe_from else spec.pretrained
     if recipe_pipe is not None:
-        start.scheduler, start.recipe = recipe_pipe.scheduler, {k: recipe_pipe.config[k] for k in RECIPE_KEYS}
+        spec.scheduler, spec.recipe = recipe_pipe.scheduler, {k: recipe_pipe.config[k] for k in RECIPE_KEYS}
     else:
-        start.scheduler, start.recipe = default_recipe(objective_cls.name, start.config)
-    reason = scheduler_support(type(start.scheduler), objective_cls.denoiser_type)
+        spec.scheduler, spec.recipe = default_recipe(objective_cls.name, spec.config)
+    reason = scheduler_support(type(spec.scheduler), objective_cls.denoiser_type)
     if reason is not None:
         raise ValueError(
             f"`--objective` {objective_cls.name!r} trains a {objective_cls.denoiser_type!r} denoiser, but "
-            f"the written pipeline would sample with {type(start.scheduler).__name__} ({reason}); "
+            f"the written pipeline would sample with {type(spec.scheduler).__name__} ({reason}); "
             "pass --recipe_from a pipeline whose scheduler fits, or another --objective."
         )
-    start.objective = objective_cls.from_scheduler(start.scheduler)
+    spec.objective = objective_cls.from_scheduler(spec.scheduler)
 
     if args.vae:
-        start.vae = load_vae(args.vae)
-    elif start.vae is None and args.latents_dir:  # the VAE the latents were made with
-        start.vae = load_vae(latents_vae_location(args.latents_dir))
-    if start.vae is not None:
-        if start.vae.config.latent_channels != start.config["in_channels"]:
+        spec.vae = load_vae(args.vae)
+    elif spec.vae is None and args.latents_dir:  # the VAE the latents were made with
+        spec.vae = load_vae(latents_vae_location(args.latents_dir))
+    if spec.vae is not None:
+        if spec.vae.config.latent_channels != spec.config["in_channels"]:
             raise ValueError(
-                f"The VAE has {start.vae.config.latent_channels} latent channels but the model takes "
-                f"{start.config['in_channels']}."
+                f"The VAE has {spec.vae.config.latent_channels} latent channels but the model takes "
+                f"{spec.config['in_channels']}."
             )
-        start.vae.requires_grad_(False).eval()
-    return start
+        spec.vae.requires_grad_(False).eval()
+    return spec
+
+
+def make_accelerator(args) -> Accelerator:
+    """The accelerator, checked against what was launched."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        # one shuffle per epoch from (seed, epoch); the datasets draw their augmentation from (seed, epoch, index)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # e.g. torchrun on a machine without GPUs and without --cpu
+        raise ValueError(
+            f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPUs "
+            "launch with ACCELERATE_USE_CPU=1 (see examples/README.md)."
+        )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def build_dataset(args, spec: RunSpec):
+    """The training items at the model's resolution: cached latents, an image folder or a 🤗 dataset."""
+    if args.resolution is not None and args.resolution != spec.resolution:  # before the folder is scanned
+        raise ValueError(
+            f"`--resolution` {args.resolution} does not match the model: it trains at {spec.resolution} px "
+            f"(sample_size {spec.config['sample_size']}{' × the VAE factor' if spec.vae else ''})."
+        )
+    if args.latents_dir:
+        return LatentDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
+    channels = spec.vae.config.in_channels if spec.vae is not None else spec.config["in_channels"]
+    kwargs = dict(channels=channels, center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
+    if args.train_data_dir:
+        return ImageDataset.from_folder(
+            args.train_data_dir,
+            spec.resolution,
+            on_bad_image=args.on_bad_image,
+            allow_empty_classes=args.allow_empty_classes,
+            **kwargs,
+        )
+    return ImageDataset.from_hub(
+        args.dataset_name,
+        spec.resolution,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        **kwargs,
+    )
+
+
+def check_inputs(args, accelerator: Accelerator, spec: RunSpec, dataset) -> tuple[int, dict | None]:
+    """The checks of the loaded model and data against the flags; returns (number of classes of the trained model,
+    its id2label)."""
+    if args.latents_dir:
+        check_latents(args.latents_dir, dataset.metadata, spec.vae, spec.resolution)
+    if len(dataset) < args.train_batch_size * accelerator.num_processes:  # batches are full (drop_last)
+        raise ValueError(
+            f"The dataset ({len(dataset)} items) has less than one batch per process "
+            f"({args.train_batch_size} × {accelerator.num_processes})."
+        )
+    return check_classes(args, dataset.classes)
 
 
 def check_latents(latents_dir: str, metadata: dict, vae, resolution: int) -> None:
@@ -375,11 +521,12 @@ def check_classes(args, classes: list[str] | None) -> tuple[int, dict | None]:
     return num_classes, id2label
 
 
-def build_model(args, start: Start, classes: list[str] | None, num_classes: int) -> torch.nn.Module:
-    """The pretrained model with its label table re-shaped for the dataset's classes, or a new one."""
-    if start.pipe is not None:
-        model, old = start.pipe.transformer, start.config["num_classes"]
-        class_map = default_class_map(classes, start.pipe.id2label, old, num_classes)
+def build_model(args, spec: RunSpec, classes: list[str] | None, num_classes: int) -> torch.nn.Module:
+    """The pretrained model with its label table re-shaped for the dataset's classes, or a new one; in training mode,
+    with gradient checkpointing when asked."""
+    if spec.pretrained is not None:
+        model, old = spec.pretrained.transformer, spec.config["num_classes"]
+        class_map = default_class_map(classes, spec.pretrained.id2label, old, num_classes)
         if num_classes != old or class_map != list(range(num_classes)):
             kept = sum(j is not None for j in class_map)
             logger.info(
@@ -387,19 +534,67 @@ def build_model(args, start: Start, classes: list[str] | None, num_classes: int)
                 "start from the null row)"
             )
             resize_class_embedding(model, num_classes, class_map)
-        start.pipe = None  # only the model is trained on
-    elif start.model_cls is UNet2DModel:  # diffusers' class table; its last row is the null class
-        model = UNet2DModel.from_config({**start.config, "num_class_embeds": num_classes + 1 if num_classes else None})
+        if args.lora_rank:
+            spec.initial_class_table = add_lora(args, model, [i for i, j in enumerate(class_map) if j is None])
+        spec.pretrained = None  # only the model is trained on
+    elif spec.model_cls is UNet2DModel:  # diffusers' class table; its last row is the null class
+        model = UNet2DModel.from_config({**spec.config, "num_class_embeds": num_classes + 1 if num_classes else None})
         model.register_to_config(num_classes=num_classes)  # what DiffiTPipeline reads
     else:
-        model = start.model_cls.from_config({**start.config, "num_classes": num_classes})
+        model = spec.model_cls.from_config({**spec.config, "num_classes": num_classes})
     if isinstance(model, (DiffiTTransformer2DModel, DiffiTUNet2DModel)):
         set_class_dropout_prob(model, 0.0)  # labels are dropped by the training step, the same way for every model
     logger.info(f"{type(model).__name__}: {model.num_parameters():,} parameters")
-    return model
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train()
 
 
-def make_optimizer(args, model: torch.nn.Module, total_batch: int) -> torch.optim.Optimizer:
+def add_lora(args, model: torch.nn.Module, new_rows: list[int]) -> torch.Tensor | None:
+    """--lora_rank: freeze the model and add a LoRA adapter (PEFT) on --lora_layers; the label rows of classes the
+    base never saw are trained too (the others, the null row among them, stay). Returns the label table before
+    training (None without new classes), against which the saved rows are picked."""
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha or args.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=args.lora_layers,
+    )
+    model.add_adapter(config)
+    if not new_rows:
+        return None
+    train_class_rows(model, new_rows)
+    return class_table(model)[1].class_embedder.weight.detach().clone()
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer updates, the EMA averages and gradient clipping sees: every parameter of the model, or
+    with --lora_rank the adapter's and the new label rows'."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_ema(args, model: torch.nn.Module) -> EMAModel | None:
+    """The EMA of the trained parameters with --use_ema (its first update copies the weights)."""
+    if not args.use_ema:
+        return None
+    warmup = dict(use_ema_warmup=True, power=3 / 4) if args.ema_warmup else dict(min_decay=args.ema_decay)
+    return EMAModel(
+        trainable_parameters(model), decay=args.ema_decay, model_cls=type(model), model_config=model.config, **warmup
+    )
+
+
+def warn_if_ema_stays_near_the_start(args, max_train_steps: int) -> None:
+    if args.use_ema and not args.ema_warmup and args.ema_decay**max_train_steps > 0.05:
+        # measured on digits-latent: 4000 steps at the default 0.9999 save 67 % initial weights and sample noise
+        logger.warning(
+            f"--ema_decay {args.ema_decay} without --ema_warmup over {max_train_steps} steps: the saved EMA weights "
+            f"will still be {args.ema_decay**max_train_steps:.0%} the initial ones. Pass --ema_warmup or a lower "
+            "--ema_decay for a run this short."
+        )
+
+
+def make_optimizer(args, parameters: list[torch.nn.Parameter], total_batch: int) -> torch.optim.Optimizer:
     """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam); --scale_lr multiplies the lr by the total batch."""
     lr = args.learning_rate * total_batch if args.scale_lr else args.learning_rate
     if args.use_8bit_adam:
@@ -411,11 +606,62 @@ def make_optimizer(args, model: torch.nn.Module, total_batch: int) -> torch.opti
     else:
         optimizer_cls = torch.optim.AdamW
     return optimizer_cls(
-        model.parameters(),
+        parameters,
         lr=lr,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+    )
+
+
+def compute_loss(batch: dict, seed: int, model, spec: RunSpec, num_classes: int, args, accelerator) -> tuple:
+    """(loss, extra logs) of the objective on one micro-batch; every random draw comes from `seed`."""
+    generator = torch.Generator(accelerator.device).manual_seed(seed)
+    torch.manual_seed(seed)  # randomness inside the model (dropout)
+    vae = spec.vae
+    if "moments" in batch:  # cached latents
+        x0 = normalize_latents(vae, DiagonalGaussianDistribution(batch["moments"]).sample(generator))
+    elif vae is not None:
+        with torch.no_grad(), accelerator.autocast():
+            moments = vae.encode(batch["pixel_values"]).latent_dist.parameters.float()
+        x0 = normalize_latents(vae, DiagonalGaussianDistribution(moments).sample(generator))
+    else:
+        x0 = batch["pixel_values"]
+    labels = None
+    if num_classes:  # classifier-free guidance: some labels become the null class
+        labels = batch["class_labels"]
+        dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < args.label_dropout
+        labels = torch.where(dropped, num_classes, labels)
+    return spec.objective(model, x0, labels, generator)
+
+
+def train_step(
+    batch: dict, seed: int, model, optimizer, lr_scheduler, spec: RunSpec, num_classes: int, args, accelerator
+):
+    """One micro-batch: loss, backward and, at the end of an accumulation, clipping and the optimizer step."""
+    with accelerator.accumulate(model):
+        loss, extra = compute_loss(batch, seed, model, spec, num_classes, args, accelerator)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainable_parameters(model), args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    return loss, extra
+
+
+def update_ema(ema: EMAModel, model, offload: bool, device) -> None:
+    if offload:
+        ema.to(device, non_blocking=True)
+    ema.step(trainable_parameters(model))
+    if offload:
+        ema.to("cpu", non_blocking=True)
+
+
+def make_pipeline(spec: RunSpec, transformer, id2label: dict | None) -> DiffiTPipeline:
+    """The written pipeline around `transformer`: the run's scheduler, VAE, labels and sampling defaults."""
+    return DiffiTPipeline(
+        transformer=transformer, scheduler=spec.scheduler, vae=spec.vae, id2label=id2label, **spec.recipe
     )
 
 
@@ -431,6 +677,12 @@ def model_card_text(args, model_cls, objective, num_items, num_classes, steps, t
     labels = "[0, 1]" if num_classes else "None"
     ema = f"EMA {args.ema_decay}{' with warm-up' if args.ema_warmup else ''} (these are the EMA weights)"
     dropout = f", label dropout {args.label_dropout}" if num_classes else ""
+    target = args.hub_model_id or args.output_dir
+    load = f'DiffiTPipeline.from_pretrained("{target}")'
+    lora = ""
+    if args.lora_rank:  # an adapter: the base pipeline, then the adapter (with the label rows it trained)
+        load = f'DiffiTPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{target}")'
+        lora = f"\n- LoRA: rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, layers {','.join(args.lora_layers)}"
     return f"""# DiffiT ({model_cls.__name__})
 
 [DiffiT](https://arxiv.org/abs/2312.02139) {origin} with `examples/train_diffit.py` of diffusers-diffit.
@@ -438,7 +690,7 @@ def model_card_text(args, model_cls, objective, num_items, num_classes, steps, t
 - data: {data} ({num_items} items, {num_classes or "no"} classes{dropout})
 - objective: `{objective.name}` (diffusers_diffit/losses.py)
 - {steps} optimizer steps of batch {total_batch}, learning rate {args.learning_rate} ({args.lr_scheduler}),
-  {ema if args.use_ema else "no EMA"}, seed {args.seed}
+  {ema if args.use_ema else "no EMA"}, seed {args.seed}{lora}
 
 ## Usage
 
@@ -446,7 +698,7 @@ def model_card_text(args, model_cls, objective, num_items, num_classes, steps, t
 import torch
 from diffusers_diffit import DiffiTPipeline
 
-pipe = DiffiTPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")
+pipe = {load}
 images = pipe(class_labels={labels}, generator=torch.manual_seed(0)).images
 ```
 
@@ -458,27 +710,16 @@ images = pipe(class_labels={labels}, generator=torch.manual_seed(0)).images
 """
 
 
-def build_dataset(args, resolution: int, channels: int):
-    if args.latents_dir:
-        return LatentDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
-    kwargs = dict(channels=channels, center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
-    if args.train_data_dir:
-        return ImageDataset.from_folder(args.train_data_dir, resolution, **kwargs)
-    return ImageDataset.from_hub(
-        args.dataset_name,
-        resolution,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
-        **kwargs,
-    )
-
-
-def validate(pipeline: DiffiTPipeline, args, num_classes: int, step: int, accelerator, output_dir: Path):
-    """Sample a labelled grid with the pipeline's scheduler; save it and send it to the trackers."""
+def validate(model, ema: EMAModel | None, spec: RunSpec, id2label: dict | None, step: int, args, accelerator) -> None:
+    """Sample a labelled grid (with the EMA weights under --use_ema) with the written pipeline's scheduler; save it
+    and send it to the trackers."""
+    trained = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.store(trainable_parameters(trained))
+        ema.copy_to(trainable_parameters(trained))
+    pipeline = make_pipeline(spec, trained.eval(), id2label)
     pipeline.set_progress_bar_config(disable=True)
-    labels = (args.validation_labels or list(range(min(num_classes, 8)))) if num_classes else []
+    labels = (args.validation_labels or list(range(min(len(id2label), 8)))) if id2label else []
     images = pipeline(
         class_labels=labels or None,
         num_images_per_label=args.num_validation_images,
@@ -487,9 +728,13 @@ def validate(pipeline: DiffiTPipeline, args, num_classes: int, step: int, accele
         generator=torch.Generator(accelerator.device).manual_seed(args.seed),
         output_type="np",
     ).images
+    trained.train()
+    if ema is not None:
+        ema.restore(trainable_parameters(trained))
     grid = make_image_grid(numpy_to_pil(images), rows=max(len(labels), 1), cols=args.num_validation_images)
-    (output_dir / "samples").mkdir(exist_ok=True)
-    grid.save(output_dir / "samples" / f"step-{step:07d}.png")
+    samples = Path(args.output_dir) / "samples"
+    samples.mkdir(exist_ok=True)
+    grid.save(samples / f"step-{step:07d}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", images, step, dataformats="NHWC")
@@ -499,59 +744,79 @@ def validate(pipeline: DiffiTPipeline, args, num_classes: int, step: int, accele
             tracker.log({"validation": [wandb.Image(grid, caption=f"labels {labels}")]}, step=step)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def save_pipeline(model, ema: EMAModel | None, spec: RunSpec, id2label: dict | None, card_text: str, steps: int, args):
+    """The result (main process): a pipeline folder with the EMA weights under --use_ema, its model card, and the
+    upload with --push_to_hub."""
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        # one shuffle per epoch from (seed, epoch); the datasets draw their augmentation from (seed, epoch, index)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    if args.lora_rank:  # the adapter alone, plus the label rows it trained
+        layers = get_peft_model_state_dict(model)
+        if spec.initial_class_table is not None:
+            layers |= class_rows_state_dict(model, spec.initial_class_table)
+        DiffiTPipeline.save_lora_weights(
+            output_dir, layers, transformer_lora_adapter_metadata=model.peft_config["default"].to_dict()
+        )
+    else:
+        if ema is not None:
+            ema.copy_to(trainable_parameters(model))
+        make_pipeline(spec, model.eval(), id2label).save_pretrained(output_dir)
+    card = create_model_card(
+        output_dir,
+        card_text,
+        license=args.license or spec.license,
+        base_model=spec.base_model,
+        tags=[
+            "diffit",
+            "diffusers-diffit",
+            "image-generation",
+            "class-conditional" if id2label else "unconditional-image-generation",
+            *(["lora"] if args.lora_rank else []),
+        ],
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:  # e.g. torchrun on a machine without GPUs and without --cpu
-        raise ValueError(
-            f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPUs "
-            "launch with ACCELERATE_USE_CPU=1 (see examples/README.md)."
+    card.save(output_dir / "README.md")
+    logger.info(f"Saved the pipeline to {output_dir}")
+    if args.push_to_hub:
+        plan = push_to_hub(
+            output_dir,
+            args.hub_model_id or output_dir.resolve().name,
+            private=args.hub_private_repo,
+            commit_message=f"DiffiT trained for {steps} steps with train_diffit.py",
+            ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", f"{args.logging_dir}/*"],
         )
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(args.seed)  # the model's initialisation
+        logger.info(f"Pushed {len(plan.files)} files: {plan.commit_url}")
 
-    start = starting_point(args)
-    vae, config = start.vae, start.config
-    resolution = config["sample_size"] * vae_scale_factor(vae)
-    if args.resolution is not None and args.resolution != resolution:
-        raise ValueError(
-            f"`--resolution` {args.resolution} does not match the model: it trains at {resolution} px "
-            f"(sample_size {config['sample_size']}{' × the VAE factor' if vae else ''})."
-        )
-    dataset = build_dataset(args, resolution, vae.config.in_channels if vae is not None else config["in_channels"])
-    if args.latents_dir:
-        check_latents(args.latents_dir, dataset.metadata, vae, resolution)
-    num_classes, id2label = check_classes(args, dataset.classes)
-    model = build_model(args, start, dataset.classes, num_classes)
+
+def resume(args, accelerator, checkpoints: CheckpointManager) -> int:
+    """Load the checkpoint --resume_from_checkpoint names (if there is one yet); the step to continue from."""
+    if not args.resume_from_checkpoint:
+        return 0
+    path = checkpoints.resolve(args.resume_from_checkpoint)
+    if path is None:
+        logger.info("No complete checkpoint yet; starting a new run.")
+        return 0
+    accelerator.load_state(str(path))
+    logger.info(f"Resumed from {path} at step {CheckpointManager.step_of(path)}")
+    return CheckpointManager.step_of(path)
+
+
+def main(argv=None) -> int:
+    """Train and write the pipeline; returns the exit status: 0, or `PREEMPTED_EXIT_STATUS` when a SIGTERM stopped
+    the run at a checkpoint."""
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)  # the model's initialisation
+    spec = load_run_spec(args)
+    dataset = build_dataset(args, spec)
+    num_classes, id2label = check_inputs(args, accelerator, spec, dataset)
+    model = build_model(args, spec, dataset.classes, num_classes)
+    output_dir = Path(args.output_dir)
     if accelerator.is_main_process:  # every check has passed: the first thing written
         output_dir.mkdir(parents=True, exist_ok=True)
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    ema = None
-    if args.use_ema:  # the first update copies the weights
-        warmup = dict(use_ema_warmup=True, power=3 / 4) if args.ema_warmup else dict(min_decay=args.ema_decay)
-        ema = EMAModel(
-            model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config, **warmup
-        )
-    objective = start.objective
+    ema = make_ema(args, model)
 
     # ---- optimisation
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    optimizer = make_optimizer(args, model, total_batch)
+    optimizer = make_optimizer(args, trainable_parameters(model), total_batch)
     train_dataloader = DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -560,21 +825,10 @@ def main(argv=None):
         num_workers=args.dataloader_num_workers,
     )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    if len(train_dataloader) == 0:
-        raise ValueError(
-            f"The dataset ({len(dataset)} items) has less than one batch per process "
-            f"({args.train_batch_size} × {accelerator.num_processes})."
-        )
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    if ema is not None and not args.ema_warmup and args.ema_decay**max_train_steps > 0.05:
-        # measured on digits-latent: 4000 steps at the default 0.9999 save 67 % initial weights and sample noise
-        logger.warning(
-            f"--ema_decay {args.ema_decay} without --ema_warmup over {max_train_steps} steps: the saved EMA weights "
-            f"will still be {args.ema_decay**max_train_steps:.0%} the initial ones. Pass --ema_warmup or a lower "
-            "--ema_decay for a run this short."
-        )
+    warn_if_ema_stays_near_the_start(args, max_train_steps)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -585,160 +839,93 @@ def main(argv=None):
     ema_device = "cpu" if args.offload_ema else accelerator.device
     if ema is not None:
         ema.to(ema_device)
-    if vae is not None:  # fp32 weights (saved with the pipeline), encoding under autocast
-        vae.to(accelerator.device)
-
-    def make_pipeline(transformer) -> DiffiTPipeline:
-        return DiffiTPipeline(
-            transformer=transformer, scheduler=start.scheduler, vae=vae, id2label=id2label, **start.recipe
-        )
+    if spec.vae is not None:  # fp32 weights (saved with the pipeline), encoding under autocast
+        spec.vae.to(accelerator.device)
 
     # ---- checkpoints and resuming
     register_diffusers_hooks(accelerator, ema, ema_device)
     checkpoints = CheckpointManager(output_dir, accelerator, args.checkpoints_total_limit)
     checkpoints.remove_partial()
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = checkpoints.resolve(args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No complete checkpoint yet; starting a new run.")
-        else:
-            accelerator.load_state(str(path))
-            global_step = CheckpointManager.step_of(path)
-            logger.info(f"Resumed from {path} at step {global_step}")
+    global_step = resume(args, accelerator, checkpoints)
     if accelerator.is_main_process:
         tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=tracked)
     logger.info(
         f"{len(dataset)} items, {num_classes or 'no'} classes, {max_train_steps} steps of {total_batch} "
         f"(batch {args.train_batch_size} × {accelerator.num_processes} processes × "
-        f"{args.gradient_accumulation_steps} accumulation), objective {objective.name}, "
-        f"{'latent' if vae is not None else 'pixel'} space"
+        f"{args.gradient_accumulation_steps} accumulation), objective {spec.objective.name}, "
+        f"{'latent' if spec.vae is not None else 'pixel'} space"
     )
 
-    def compute_loss(batch, seed: int) -> tuple[torch.Tensor, dict]:
-        generator = torch.Generator(accelerator.device).manual_seed(seed)
-        torch.manual_seed(seed)  # randomness inside the model (dropout)
-        if "moments" in batch:
-            x0 = normalize_latents(vae, DiagonalGaussianDistribution(batch["moments"]).sample(generator))
-        elif vae is not None:
-            with torch.no_grad(), accelerator.autocast():
-                moments = vae.encode(batch["pixel_values"]).latent_dist.parameters.float()
-            x0 = normalize_latents(vae, DiagonalGaussianDistribution(moments).sample(generator))
-        else:
-            x0 = batch["pixel_values"]
-        labels = None
-        if num_classes:  # classifier-free guidance: some labels become the null class
-            labels = batch["class_labels"]
-            dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < args.label_dropout
-            labels = torch.where(dropped, num_classes, labels)
-        return objective(model, x0, labels, generator)
-
-    # ---- the loop
+    # ---- the loop: a step's randomness comes from (seed, step, micro-batch, process), the data from (seed, epoch)
     first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
-    skip_batches *= args.gradient_accumulation_steps
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    micro_step, timed_steps, clock = 0, 0, None
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        train_dataloader.set_epoch(epoch)  # the sampler's shuffle and the dataset's augmentation
-        loader = train_dataloader
-        if epoch == first_epoch and skip_batches:  # resumed inside an epoch
-            loader = skip_first_batches(train_dataloader, skip_batches)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                seed = derive_seed(args.seed, global_step, micro_step, accelerator.process_index)
-                loss, extra = compute_loss(batch, seed)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            micro_step += 1
-            if not accelerator.sync_gradients:
-                continue
-            micro_step = 0
-            if ema is not None:
-                if args.offload_ema:
-                    ema.to(accelerator.device, non_blocking=True)
-                ema.step(model.parameters())
-                if args.offload_ema:
-                    ema.to("cpu", non_blocking=True)
-            global_step += 1
-            progress.update(1)
-            if clock is None:
-                clock = time.perf_counter()  # throughput is timed from the end of the first step
-            else:
-                timed_steps += 1
-            logs = {
-                "loss": accelerator.gather(loss.detach()).mean().item(),
-                "lr": lr_scheduler.get_last_lr()[0],
-                **extra,
-            }
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                checkpoints.save(global_step)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                trained = accelerator.unwrap_model(model)
-                if ema is not None:
-                    ema.store(trained.parameters())
-                    ema.copy_to(trained.parameters())
-                validate(make_pipeline(trained.eval()), args, num_classes, global_step, accelerator, output_dir)
-                trained.train()
-                if ema is not None:
-                    ema.restore(trained.parameters())
-            if global_step >= max_train_steps:
+    micro_step, timed_steps, clock, preempted = 0, 0, None, False
+    with SigtermFlag(accelerator) as sigterm:
+        for epoch in range(first_epoch, num_epochs):
+            if global_step >= max_train_steps or preempted:
                 break
+            train_dataloader.set_epoch(epoch)  # the sampler's shuffle and the dataset's augmentation
+            loader = train_dataloader
+            if epoch == first_epoch and skip_batches:  # resumed inside an epoch
+                loader = skip_first_batches(train_dataloader, skip_batches * args.gradient_accumulation_steps)
+            for batch in loader:
+                seed = derive_seed(args.seed, global_step, micro_step, accelerator.process_index)
+                loss, extra = train_step(
+                    batch, seed, model, optimizer, lr_scheduler, spec, num_classes, args, accelerator
+                )
+                micro_step += 1
+                if not accelerator.sync_gradients:
+                    continue
+                micro_step = 0
+                if ema is not None:
+                    update_ema(ema, model, args.offload_ema, accelerator.device)
+                global_step += 1
+                progress.update(1)
+                if clock is None:
+                    clock = time.perf_counter()  # throughput is timed from the end of the first step
+                else:
+                    timed_steps += 1
+                logs = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                logs |= extra | ({"ema_decay": ema.cur_decay_value} if ema is not None else {})
+                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                accelerator.log(logs, step=global_step)
+                preempted = sigterm.received_anywhere()
+                if global_step % args.checkpointing_steps == 0 or preempted:
+                    checkpoints.save(global_step)
+                if preempted:
+                    break
+                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    validate(model, ema, spec, id2label, global_step, args, accelerator)
+                if global_step >= max_train_steps:
+                    break
     progress.close()
     if timed_steps:
         logger.info(f"Throughput: {timed_steps / (time.perf_counter() - clock):.3f} steps/s over {timed_steps} steps")
+    if preempted:
+        logger.warning(
+            f"Stopped by SIGTERM at step {global_step}, after saving its checkpoint; continue the run with "
+            "--resume_from_checkpoint latest."
+        )
+        accelerator.end_training()
+        return PREEMPTED_EXIT_STATUS
 
     # ---- the result: a pipeline folder (EMA weights with --use_ema)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        if ema is not None:
-            ema.copy_to(final.parameters())
-        make_pipeline(final.eval()).save_pretrained(output_dir)
-        text = model_card_text(
-            args, start.model_cls, objective, len(dataset), num_classes, max_train_steps, total_batch
+        card_text = model_card_text(
+            args, spec.model_cls, spec.objective, len(dataset), num_classes, max_train_steps, total_batch
         )
-        card = create_model_card(
-            output_dir,
-            text,
-            license=args.license or start.license,
-            base_model=start.base_model,
-            tags=[
-                "diffit",
-                "diffusers-diffit",
-                "image-generation",
-                "class-conditional" if num_classes else "unconditional-image-generation",
-            ],
-        )
-        card.save(output_dir / "README.md")
-        logger.info(f"Saved the pipeline to {output_dir}")
-        if args.push_to_hub:
-            plan = push_to_hub(
-                output_dir,
-                args.hub_model_id or output_dir.resolve().name,
-                private=args.hub_private_repo,
-                commit_message=f"DiffiT trained for {max_train_steps} steps with train_diffit.py",
-                ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", f"{args.logging_dir}/*"],
-            )
-            logger.info(f"Pushed {len(plan.files)} files: {plan.commit_url}")
+        save_pipeline(accelerator.unwrap_model(model), ema, spec, id2label, card_text, max_train_steps, args)
     accelerator.end_training()
+    return 0
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except ValueError as error:  # a bad argument or input, found before training: one line, exit status 2
         print(f"train_diffit.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,9 @@
 """Training data (diffusers_diffit/data): image folders with seeded augmentation, 16-bit images, cached latents
 (examples/precompute_latents.py), accelerate's seeded data order, and the digits folder of the shipped model."""
 
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from diffusers import AutoencoderKL
 from PIL import Image
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from diffusers_diffit.data import ImageDataset, LatentDataset, preprocess_image
@@ -165,3 +169,100 @@ def test_derive_seed_is_a_pure_function_of_its_keys():
     assert derive_seed(1, 0) != derive_seed(0, 1)  # the order of the keys matters
     with pytest.raises(ValueError, match="non-negative"):
         derive_seed(0, -1)
+
+
+def test_bad_images_stop_the_scan_with_their_path_or_are_skipped_and_counted(tmp_path, caplog):
+    data = write_image_folder(tmp_path / "data", ["a", "b"], per_class=3)
+    good = (data / "a" / "0.png").read_bytes()
+    (data / "a" / "empty.png").write_bytes(b"")
+    (data / "a" / "cut.png").write_bytes(good[: len(good) // 2])  # truncated: a PNG chunk fails its checksum
+    (data / "b" / "text.jpg").write_text("not an image")
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(buffer, "JPEG")
+    (data / "b" / "cut.jpg").write_bytes(buffer.getvalue()[:-200])  # truncated JPEG: no end marker, no decode
+    Image.fromarray(np.zeros((4, 4), np.int32)).save(data / "b" / "int32.tif")  # mode "I": no known range
+    (data / "b" / "._0.png").write_bytes(b"\0\5\26\7")  # macOS metadata: hidden, not an image of the dataset
+    for name, reason in [
+        ("cut.png", "not a readable image"),
+        ("empty.png", "is empty"),
+        ("cut.jpg", "not a readable image"),
+        ("int32.tif", "mode 'I'"),
+        ("text.jpg", "not a readable image"),
+    ]:
+        with pytest.raises(ValueError, match=f"{name}.*{reason}.*--on_bad_image skip"):
+            ImageDataset.from_folder(data, 8)
+        path = next(data.rglob(name))
+        path.rename(path.with_name(path.name + ".bad"))  # the scan stops at the first bad file, in sorted order
+    for path in data.rglob("*.bad"):
+        path.rename(path.with_suffix(""))
+
+    with caplog.at_level("WARNING", logger="diffusers_diffit.data.datasets"):
+        dataset = ImageDataset.from_folder(data, 8, on_bad_image="skip")
+    assert len(dataset) == 6 and dataset.labels == [0] * 3 + [1] * 3
+    assert "Skipped 5 of 11 images" in caplog.text and caplog.text.count("Skipping") == 5
+    with pytest.raises(ValueError, match="on_bad_image"):
+        ImageDataset.from_folder(data, 8, on_bad_image="ignore")
+
+    for path in (data / "b").glob("[0-9].png"):
+        path.unlink()  # class "b" is left with bad files only
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['.*b'\] hold no usable images"):
+        ImageDataset.from_folder(data, 8, on_bad_image="skip")
+    kept = ImageDataset.from_folder(data, 8, on_bad_image="skip", allow_empty_classes=True)
+    assert kept.classes == ["a", "b"] and kept.labels == [0] * 3
+    (data / "c").mkdir()  # an empty class folder is refused by default, naming it
+    with pytest.raises(ValueError, match=r"\['.*c'\] hold no usable images"):
+        ImageDataset.from_folder(data, 8, on_bad_image="skip", allow_empty_classes=False)
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    (nothing / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="no usable images"):
+        ImageDataset.from_folder(nothing, 8, on_bad_image="skip")
+
+
+def test_unusual_modes_convert_to_the_model_channels(tmp_path):
+    """Against values computed by hand: alpha composited on white, palette looked up, 1-bit to 0/255, CMYK by
+    PIL's formula, 16-bit kept at full precision (also for an RGB model); images smaller than the size upscaled."""
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128  # red 200 at half opacity over white: 200·a + 255·(1 − a)
+    a = 128 / 255
+    out = preprocess_image(Image.fromarray(rgba, "RGBA"), 4)
+    expected = torch.tensor([200 * a + 255 * (1 - a), 255 * (1 - a), 255 * (1 - a)]) / 127.5 - 1
+    torch.testing.assert_close(out[:, 0, 0], expected, atol=1.5 / 127.5, rtol=0)  # PIL rounds each step
+
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    torch.testing.assert_close(preprocess_image(palette, 4)[:, 0, 0], torch.tensor([10.0, 20, 30]) / 127.5 - 1)
+    transparent = palette.copy()
+    transparent.info["transparency"] = 1  # the palette's transparent colour: white after compositing
+    assert torch.equal(preprocess_image(transparent, 4), torch.ones(3, 4, 4))
+
+    one_bit = Image.fromarray(np.array([[0, 1] * 2] * 4, bool))
+    assert preprocess_image(one_bit, 4, channels=1)[0, 0].tolist() == [-1.0, 1.0, -1.0, 1.0]
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 0, 0))  # full magenta ink: RGB (255, 0, 255)
+    assert preprocess_image(cmyk, 4)[:, 0, 0].tolist() == [1.0, -1.0, 1.0]
+
+    levels = np.array([[0, 1, 32768, 65535]], dtype=np.uint16).repeat(4, 0)
+    rgb = preprocess_image(Image.fromarray(levels), 4, channels=3)
+    torch.testing.assert_close(rgb, preprocess_image(Image.fromarray(levels), 4, channels=1).expand(3, -1, -1))
+    assert rgb[0, 0, 1] > -1 and rgb[0, 0, 3] == 1  # not clipped to 8 bits
+
+    small = preprocess_image(Image.new("L", (3, 5), 77), 8, channels=1)  # upscaled
+    assert small.shape == (1, 8, 8) and torch.allclose(small, torch.full_like(small, 77 / 127.5 - 1), atol=1e-5)
+
+
+def test_cached_latents_with_nan_or_inf_are_refused_naming_the_shard(tmp_path):
+    root = tmp_path / "latents"
+    root.mkdir()
+    moments = torch.zeros(3, 8, 2, 2)
+    moments[2, 0, 1, 1] = float("nan")
+    save_file({"moments": moments, "labels": torch.zeros(3, dtype=torch.long)}, str(root / "shard-00001.safetensors"))
+    save_file({"moments": torch.zeros(3, 8, 2, 2), "labels": torch.zeros(3, dtype=torch.long)}, str(root / "s0.st"))
+    metadata = {"flip": False, "classes": None, "shard_size": 3, "num_items": 6}
+    (root / "metadata.json").write_text(json.dumps({**metadata, "shards": ["s0.st", "shard-00001.safetensors"]}))
+    with pytest.raises(
+        ValueError, match=r"shard-00001.safetensors' holds non-finite 'moments' .* 1 of 3 items, the first item 5"
+    ):
+        LatentDataset(root)
+    (root / "shard-00001.safetensors").write_bytes(b"12345678")  # damaged
+    with pytest.raises(ValueError, match="shard-00001.safetensors' cannot be read"):
+        LatentDataset(root)

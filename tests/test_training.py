@@ -4,10 +4,12 @@ decrease, kill-and-resume equivalence, two processes; and examples/sample_fid.py
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,7 @@ from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNe
 from diffusers_diffit.checkpointing import CheckpointManager
 from diffusers_diffit.losses import edm_loss
 from diffusers_diffit.pipelines import RECIPE_KEYS
-from tests.test_pipeline import tiny_transformer
-from tests.utils import EXAMPLES, ROOT, load_example, run_in_process, write_image_folder
+from tests.utils import EXAMPLES, ROOT, load_example, run_in_process, tiny_transformer, write_image_folder
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -489,6 +490,22 @@ def test_bad_arguments_fail_clearly(train_assets, tmp_path):
         train_diffit.parse_args(["--model_config_name_or_path", "x", "--train_data_dir", "a", "--latents_dir", "b"])
 
 
+def test_a_bad_image_stops_the_run_before_anything_is_built_unless_skipped(train_assets, tmp_path):
+    data = write_image_folder(tmp_path / "data", ["cat", "dog"], per_class=2)
+    (data / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError, match=r"broken.png' is not a readable image.*--on_bad_image skip"):
+        run_in_process(
+            train_diffit, latent_args({**train_assets, "rgb": data}, tmp_path / "a", "--max_train_steps", 1)
+        )
+    assert not (tmp_path / "a").exists()  # stopped before the model or the output folder
+    run_in_process(
+        train_diffit,
+        latent_args({**train_assets, "rgb": data}, tmp_path / "b", "--train_batch_size", 2, "--max_train_steps", 1)
+        + ["--on_bad_image", "skip", "--checkpointing_steps", 100],
+    )
+    assert DiffiTPipeline.from_pretrained(tmp_path / "b").transformer.config.num_classes == 2
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # kill -9 and resume; two processes
 # ------------------------------------------------------------------------------------------------------------------
@@ -590,6 +607,105 @@ def test_sigkill_at_any_moment_then_resume_latest_matches_an_uninterrupted_run(t
         "checkpoint-6",
         "checkpoint-8",
     ]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_of_a_lora_finetune_onto_a_new_class_matches_an_uninterrupted_run(
+    train_assets, latent_run, tmp_path
+):
+    steps = 6
+    data = write_image_folder(tmp_path / "data", ["cat", "dog", "fish", "zebra"], per_class=2)  # zebra is new
+    args = [
+        "--pretrained_model_name_or_path",
+        latent_run,
+        "--train_data_dir",
+        data,
+        "--lora_rank",
+        2,
+        "--lora_layers",
+        "to_q,to_v,to_q_time",
+        "--train_batch_size",
+        2,
+        "--max_train_steps",
+        steps,
+        "--checkpointing_steps",
+        2,
+        "--learning_rate",
+        1e-2,
+        "--report_to",
+        "none",
+    ]
+    reference = tmp_path / "reference"
+    run_in_process(train_diffit, [*args, "--output_dir", reference])
+    out = tmp_path / "killed"
+    resume = [*args, "--output_dir", out, "--resume_from_checkpoint", "latest"]
+    delay = round(random.Random().uniform(0.5, 3.0), 2)
+    result = run_subprocess(resume, {"DIFFIT_TEST_KILL": f"time:{delay}", "DIFFIT_TEST_SLOW_SAVE": "0.1"})
+    assert result.returncode in (0, -signal.SIGKILL), result.stderr[-3000:]
+    final = run_subprocess(resume)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    def read(run: Path) -> dict[str, torch.Tensor]:
+        tensors = load_file(run / "pytorch_lora_weights.safetensors")
+        ckpt = run / f"checkpoint-{steps}"
+        tensors |= {
+            f"model.{k}": v for k, v in load_file(ckpt / "model" / "diffusion_pytorch_model.safetensors").items()
+        }
+        optimizer = torch.load(ckpt / "optimizer.bin", weights_only=True)
+        for i, state in optimizer["state"].items():
+            tensors |= {f"adam.{i}.{k}": torch.as_tensor(v, dtype=torch.float64) for k, v in state.items()}
+        return tensors
+
+    expected, got = read(reference), read(out)
+    assert expected.keys() == got.keys() and not (out / "transformer").exists()  # the adapter alone is saved
+    worst = max((expected[k].double() - got[k].double()).abs().max().item() for k in expected)
+    assert worst <= 1e-6, f"max |Δ| = {worst} (kill after {delay} s)"
+    rows = "transformer.condition_embed.class_embedder.class_row_ids"
+    assert got[rows].tolist() == [3]  # only the new class's row changed; the null row moved, unchanged
+
+    pipe = DiffiTPipeline.from_pretrained(latent_run)
+    base_table = pipe.transformer.condition_embed.class_embedder.weight.detach().clone()
+    pipe.load_lora_weights(out)
+    table = pipe.transformer.condition_embed.class_embedder.weight
+    torch.testing.assert_close(table[[0, 1, 2, 4]], base_table, rtol=0, atol=0)  # old rows and the null row kept
+    card = (out / "README.md").read_text()
+    assert "- lora" in card and "- diffit" in card
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_saves_a_checkpoint_then_resume_matches_an_uninterrupted_run(
+    train_assets, tmp_path
+):
+    """SIGTERM to the process group of a running `accelerate launch` (as Slurm sends it to every process of a job):
+    the trainer finishes its step, saves checkpoint-<step>, exits with status 143; resuming it ends bit-exact (same
+    process, same kernels: the test compares within 1e-6, as the SIGKILL test does)."""
+    steps = 10
+    extra = ["--train_batch_size", 2, "--max_train_steps", steps, "--checkpointing_steps", 2, "--use_ema"]
+    extra += ["--ema_decay", 0.9, "--random_flip", "--learning_rate", 1e-3]
+    run_in_process(train_diffit, latent_args(train_assets, tmp_path / "reference", *extra))
+    out = tmp_path / "stopped"
+    argv = [*latent_args(train_assets, out, *extra), "--resume_from_checkpoint", "latest"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(ROOT / "tests" / "kill_and_resume.py")]
+    cmd += [str(EXAMPLES / "train_diffit.py"), *map(str, argv)]
+    env = {**ENV, "DIFFIT_TEST_SLOW_SAVE": "0.2"}  # checkpoints take a second: the signal lands mid-run
+    launcher = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    while not (out / "checkpoint-2").is_dir() and launcher.poll() is None:
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=300)  # returns once the trainer, which holds the pipes, has exited
+    stopped = re.search(r"Stopped by SIGTERM at step (\d+)", stderr)
+    assert stopped, stderr[-3000:]
+    step = int(stopped.group(1))
+    assert step < steps and CheckpointManager(out, None).latest() == out / f"checkpoint-{step}"
+    assert not (out / "model_index.json").exists()  # no pipeline yet: the run is not finished
+    final = run_subprocess(argv)
+    assert final.returncode == 0 and f"Resumed from {out / f'checkpoint-{step}'}" in final.stderr, final.stderr[-3000:]
+    expected, got = read_run(tmp_path / "reference", steps), read_run(out, steps)
+    worst = max((expected[k].double() - got[k].double()).abs().max().item() for k in expected)
+    assert expected.keys() == got.keys() and worst <= 1e-6, f"max |Δ| = {worst} (stopped at step {step})"
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@ imported on its own: it needs scikit-learn). Package data: `imagenet_labels.json
 
 from .datasets import (
     IMAGE_EXTENSIONS,
+    ON_BAD_IMAGE,
     ImageDataset,
     LatentDataset,
     latents_vae_location,
@@ -14,6 +15,7 @@ from .datasets import (
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ON_BAD_IMAGE",
     "ImageDataset",
     "LatentDataset",
     "latents_vae_location",

@@ -9,6 +9,7 @@ run would have seen.
 
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -18,13 +19,16 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ..seeding import derive_seed
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+ON_BAD_IMAGE = ("error", "skip")
+logger = logging.getLogger(__name__)
 
 
 def preprocess_image(
@@ -33,16 +37,13 @@ def preprocess_image(
     """PIL image -> float [channels, resolution, resolution] in [-1, 1].
 
     Resize so the short side is `resolution` (box-filter halvings while the image is ≥ 2× too large, then bicubic,
-    as ADM does), then crop: centred, or at a position drawn from `rng` when `center_crop` is False and an `rng` is
-    given. `channels` 1 gives grayscale, 3 gives RGB. 16-bit grayscale images (PIL mode "I;16") keep their full
-    precision: their 0…65535 range maps to [-1, 1] like 0…255 does for 8-bit images.
+    as ADM does; an image smaller than `resolution` is upscaled, as diffusers' training scripts do), then crop:
+    centred, or at a position drawn from `rng` when `center_crop` is False and an `rng` is given. `channels` 1 gives
+    grayscale, 3 gives RGB, from any mode of `CONVERTIBLE_MODES` (see `to_channels`).
     """
     if channels not in (1, 3):
         raise ValueError(f"`channels` must be 1 (grayscale) or 3 (RGB), got {channels}.")
-    if image.mode in ("I;16", "I;16B", "I;16L") and channels == 1:
-        image, full_scale = image.convert("F"), 65535.0
-    else:
-        image, full_scale = image.convert("L" if channels == 1 else "RGB"), 255.0
+    image, full_scale = to_channels(image, channels)
     while min(image.size) >= 2 * resolution:
         image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
     scale = resolution / min(image.size)
@@ -54,7 +55,42 @@ def preprocess_image(
         left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
     array = np.array(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
     array = array[:, :, None] if array.ndim == 2 else array
+    if array.shape[2] != channels:  # 16-bit grayscale for an RGB model
+        array = array.repeat(channels, axis=2)
     return torch.from_numpy(array).permute(2, 0, 1) * (2 / full_scale) - 1.0
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")
+# PIL modes that `to_channels` converts; others ("I", "F": 32-bit values with no known range; "LAB", "HSV") are
+# refused by `check_image_file`.
+CONVERTIBLE_MODES = (
+    "1",
+    "L",
+    "P",
+    "LA",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "RGBa",
+    "La",
+    "CMYK",
+    "YCbCr",
+    *SIXTEEN_BIT_MODES,
+)
+
+
+def to_channels(image: Image.Image, channels: int) -> tuple[Image.Image, float]:
+    """(image in mode "L" or "RGB", or "F" for 16-bit grayscale, its full-scale value). Transparent images (an alpha
+    channel, or a palette with a transparent colour) are composited on white, as a viewer shows them on a white page;
+    palette, CMYK, YCbCr and 1-bit images take PIL's conversion. 16-bit grayscale keeps its full precision: 0…65535
+    maps to [-1, 1] like 0…255 does for 8-bit images (for an RGB model, the three channels are equal)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return image.convert("F"), 65535.0
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("L" if channels == 1 else "RGB"), 255.0
 
 
 class _SeededDataset(Dataset):
@@ -68,6 +104,17 @@ class _SeededDataset(Dataset):
 
     def _rng(self, index: int) -> random.Random:
         return random.Random(derive_seed(self.seed, self.epoch, index))
+
+
+def image_files_in(folder: Path) -> list[Path]:
+    """The files under `folder` with an image extension, sorted; hidden ones (".*", e.g. macOS "._x.png") left out."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 class _ImageFiles:
@@ -88,6 +135,54 @@ def read_image(path: Path) -> Image.Image:
             return image.copy()
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise ValueError(f"{str(path)!r} is not a readable image: {e}") from None
+
+
+def check_image_file(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file that training can read, from its header; a `ValueError` naming the file and
+    the reason otherwise: empty, not an image, a mode `to_channels` does not convert, a PNG whose chunks fail their
+    checksums (truncated or corrupt), a JPEG that ends without its end-of-image marker and then fails to decode.
+    Pixels are decoded only in that last case (a JPEG may carry bytes after the marker), so a scan costs about a
+    file read per image."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty (0 bytes).")
+    try:
+        with Image.open(path) as image:
+            size, mode, image_format = image.size, image.mode, image.format
+            image.verify()  # PNG: every chunk's CRC up to IEND; other formats: the header
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable image: {e}") from None
+    if mode not in CONVERTIBLE_MODES:
+        raise ValueError(f"{str(path)!r} has PIL mode {mode!r}, which is not converted; allowed: {CONVERTIBLE_MODES}.")
+    if image_format == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(-2, os.SEEK_END)
+            if f.read() != b"\xff\xd9":
+                read_image(path)  # truncated, unless the data after the marker is all that differs
+    return size
+
+
+def scan_image_files(paths: list[Path], resolution: int, on_bad_image: str = "error") -> list[int]:
+    """Indices of the files in `paths` that `check_image_file` accepts. A bad file raises its `ValueError` with
+    `on_bad_image` "error", or is logged and left out with "skip" (the count is logged too). Images smaller than
+    `resolution` are kept (they are upscaled) and counted in the log."""
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"`on_bad_image` must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
+    usable, small = [], 0
+    for index, path in enumerate(tqdm(paths, desc="checking images", unit="file", disable=len(paths) < 1000)):
+        try:
+            size = check_image_file(path)
+        except ValueError as e:
+            if on_bad_image == "error":
+                raise ValueError(f"{e} Pass on_bad_image='skip' (--on_bad_image skip) to train without it.") from None
+            logger.warning(f"Skipping {e}")
+            continue
+        usable.append(index)
+        small += min(size) < resolution
+    if len(usable) < len(paths):
+        logger.warning(f"Skipped {len(paths) - len(usable)} of {len(paths)} images that cannot be read.")
+    if small:
+        logger.info(f"{small} of {len(usable)} images are smaller than {resolution} px; they are upscaled (bicubic).")
+    return usable
 
 
 class _HubImages:
@@ -136,23 +231,38 @@ class ImageDataset(_SeededDataset):
         return {"pixel_values": pixels, "class_labels": self.labels[index]}
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike, resolution: int, **kwargs) -> "ImageDataset":
+    def from_folder(
+        cls,
+        root: str | os.PathLike,
+        resolution: int,
+        on_bad_image: str = "error",
+        allow_empty_classes: bool = False,
+        **kwargs,
+    ) -> "ImageDataset":
+        """The images under `root` (hidden files and folders left out), checked by `scan_image_files` with
+        `on_bad_image`. A class folder without usable images is an error naming it, unless `allow_empty_classes`:
+        then it keeps its class id (the ids of the classes after it do not change) and has no items."""
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"`train_data_dir` {str(root)!r} is not a directory.")
-
-        def images_in(folder: Path) -> list[Path]:
-            return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if class_dirs:
             classes = [p.name for p in class_dirs]
-            files = [(f, label) for label, d in enumerate(class_dirs) for f in images_in(d)]
+            files = [(f, label) for label, d in enumerate(class_dirs) for f in image_files_in(d)]
         else:
-            classes, files = None, [(f, 0) for f in images_in(root)]
+            classes, files = None, [(f, 0) for f in image_files_in(root)]
         if not files:
             raise ValueError(f"`train_data_dir` {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        read_image(files[0][0])  # fail here, naming the file, rather than in the first batch
+        files = [files[i] for i in scan_image_files([f for f, _ in files], resolution, on_bad_image)]
+        if not files:
+            raise ValueError(f"`train_data_dir` {str(root)!r} holds no usable images: every one was skipped.")
+        present = {label for _, label in files}
+        empty = [str(d) for label, d in enumerate(class_dirs) if label not in present]
+        if empty and not allow_empty_classes:
+            raise ValueError(
+                f"The class folder(s) {empty} hold no usable images; as classes they would have ids but no data. "
+                "Remove them, or pass allow_empty_classes=True (--allow_empty_classes) to keep their ids."
+            )
         return cls(_ImageFiles([f for f, _ in files]), [label for _, label in files], classes, resolution, **kwargs)
 
     @classmethod
@@ -251,6 +361,25 @@ class LatentDataset(_SeededDataset):
         self.shards = [self.root / name for name in self.metadata["shards"]]
         self.num_items = self.metadata["num_items"]
         self._open: dict[int, object] = {}
+        self.check_shards()
+
+    def check_shards(self) -> None:
+        """Every shard is there, readable, and holds only finite moments; a `ValueError` naming the file otherwise.
+        Reads every shard once (about the time it takes to read the cache from disk), one shard in memory at a time."""
+        for shard, path in enumerate(self.shards):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    tensors = {name: f.get_tensor(name) for name in f.keys() if name.startswith("moments")}
+            except (OSError, SafetensorError) as e:  # missing, truncated or damaged
+                raise ValueError(f"{str(path)!r} cannot be read ({e}); run precompute_latents.py again.") from None
+            for name, moments in tensors.items():
+                bad = (~torch.isfinite(moments.flatten(1)).all(1)).nonzero().flatten()
+                if len(bad):
+                    raise ValueError(
+                        f"{str(path)!r} holds non-finite {name!r} (NaN or inf) for {len(bad)} of {len(moments)} "
+                        f"items, the first item {shard * self.shard_size + bad[0].item()}; encode them again with "
+                        "precompute_latents.py."
+                    )
 
     def __len__(self) -> int:
         return self.num_items

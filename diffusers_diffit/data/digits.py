@@ -7,9 +7,10 @@ and the two models compared on it.
   and 16×16 keeps three U-Net levels (16, 8, 4) with windowed attention at 16 and 8 and global attention at 4.
 - `write_digits_folder` writes the training split as an ordinary image folder (one sub-folder per class, 16-bit
   grayscale PNGs, exact to 1/65535), which `examples/train_diffit.py --train_data_dir` reads like any other.
-- `DIGITS_CONFIGS`: the shipped `DiffiTUNet2DModel` (widths 32, 64, 64, one DiffiT ResBlock per level and side,
-  window 4, head dim 16; 758,453 parameters) and diffusers' `UNet2DModel` of about the same size (729,569: ResNet
-  blocks, attention at 8×8 and 4×4), the baseline of the README's quality table.
+- The two models compared (named configurations in `diffusers_diffit.configs`): `DiffiT-digits`, the shipped
+  `DiffiTUNet2DModel` (widths 32, 64, 64, one DiffiT ResBlock per level and side, window 4, head dim 16; 758,453
+  parameters), and `UNet2D-digits`, diffusers' `UNet2DModel` of about the same size (729,569: ResNet blocks,
+  attention at 8×8 and 4×4), the baseline of the quality table in docs/digits-benchmarks.md.
 
 Needs scikit-learn (the `train` and `test` extras).
 """
@@ -27,53 +28,10 @@ NUM_CLASSES = 10
 HELD_OUT_PER_CLASS = 50
 RESOLUTION = 16
 
-DIGITS_CONFIGS = {
-    "diffit": dict(
-        _class_name="DiffiTUNet2DModel",
-        sample_size=RESOLUTION,
-        in_channels=1,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        window_size=4,
-        attention_head_dim=16,
-        time_embedding_dim=128,
-        frequency_embedding_size=64,
-        num_classes=NUM_CLASSES,
-        class_dropout_prob=0.0,
-    ),
-    "unet": dict(
-        _class_name="UNet2DModel",
-        sample_size=RESOLUTION,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 48, 48),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=16,
-        norm_num_groups=8,
-        num_class_embeds=NUM_CLASSES + 1,  # the last row is the null class of classifier-free guidance
-    ),
-}
-
-
-# The shipped latent model `digits-latent`: a DiffiTTransformer2DModel with learned variance on the 4×4×4 latents of
-# the digits VAE (32×32 images, spatial factor 8 as the SD-VAE's; examples/digits_vae.args), one token per latent
-# pixel, trained with NVIDIA's ddpm-hybrid objective by examples/digits_latent.args.
+# The shipped latent model `digits-latent` (`DiffiT-digits-latent` in diffusers_diffit.configs) draws 32×32 images
+# through the digits VAE (spatial factor 8 as the SD-VAE's; examples/digits_vae.args) and is trained by
+# examples/digits_latent.args.
 LATENT_RESOLUTION = 32
-DIGITS_LATENT_CONFIG = dict(
-    _class_name="DiffiTTransformer2DModel",
-    sample_size=4,
-    patch_size=1,
-    in_channels=4,
-    out_channels=8,
-    num_layers=5,
-    num_attention_heads=4,
-    attention_head_dim=32,
-    mlp_ratio=4.0,
-    num_classes=NUM_CLASSES,
-    class_dropout_prob=0.0,
-)
 
 
 # NVIDIA's sampling recipe (DDPM with the learned-range variance, 250 steps, guidance on the first 3 latent channels
