@@ -34,7 +34,8 @@ from .utils import is_finite_number
 
 logger = logging.getLogger("diffit")
 
-MAX_IMAGES = 1024  # one batch: beyond this a grid is unreadable and memory runs out first
+MAX_IMAGES = 1024  # beyond this a grid is unreadable
+CPU_BATCH = 16  # --max-batch-size on a CPU by default: bounded memory, and no speed lost to larger batches there
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MAX_UPSCALE = 64
 DEBUG_HELP = "show Python tracebacks on errors"
@@ -203,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(f"{kind}: {' '.join(scheduler_presets(kind))}" for kind in ("edm", "ddpm")),
     )
     sample.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    sample.add_argument(
+        "--max-batch-size",
+        type=integer(1),
+        default=None,
+        metavar="N",
+        help=f"sample at most N images at once, more in batches (default: {CPU_BATCH} on a CPU, all at once on a GPU); "
+        "a batch that cannot fit in memory is refused before sampling",
+    )
     sample.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
     sample.add_argument(
         "--upscale",
@@ -383,6 +392,7 @@ def sample_command(args: argparse.Namespace) -> Path:
         guidance_scale=args.guidance_scale,
         guidance_schedule=args.guidance_schedule,
         guidance_interval=args.interval,
+        max_batch_size=args.max_batch_size or (CPU_BATCH if torch.device(device).type == "cpu" else None),
         generator=generator,
     ).images
     upscale = args.upscale or max(1, math.ceil(64 / images[0].width))

@@ -1,9 +1,13 @@
-"""NVIDIA's released DiffiT checkpoints (official key layout, SPEC.md §2) -> `DiffiTTransformer2DModel`.
+"""NVIDIA's released DiffiT checkpoints -> `DiffiTTransformer2DModel` (official key layout:
+docs/diffit-equations.md#latent).
 
 Everything is checked before anything is assigned: missing, unexpected and mis-shaped tensors are reported together
 in one `ValueError`, so a model is never half-loaded.
 """
 
+import importlib
+import inspect
+import json
 import logging
 import math
 import os
@@ -188,3 +192,105 @@ def load_official_transformer(model_cls, path: str | os.PathLike, **config_overr
         )
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}, assign=True)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipeline folders, checked before diffusers loads them: a damaged file is named with its fix, nothing is built
+
+
+def check_pipeline_folder(folder: str | os.PathLike) -> None:
+    """Raise `ValueError` naming the file and the fix when a pipeline folder is damaged: model_index.json or a
+    component's config missing or not JSON, a component folder listed in model_index.json missing, a config entry of
+    the wrong type for its class (e.g. `"num_layers": "28"`), or a truncated safetensors file. Reads only JSON and the
+    safetensors headers."""
+    folder = Path(folder)
+    fix = "download the pipeline again (snapshot_download(..., force_download=True)) or save it again"
+    index = _read_json(folder / "model_index.json", fix)
+    for name, entry in index.items():
+        is_component = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+        if name.startswith("_") or not is_component:  # a config value, or an optional component left out
+            continue
+        component = folder / name
+        if not component.is_dir():
+            raise ValueError(
+                f"{folder / 'model_index.json'} lists the component {name!r} ({entry[1]}), but the folder {component} "
+                f"is missing: {fix}."
+            )
+        configs = [path for path in (component / "config.json", component / "scheduler_config.json") if path.is_file()]
+        for path in configs:
+            _check_config_types(path, _component_class(entry), fix)
+        for path in sorted(component.glob("*.safetensors")):
+            _check_safetensors(path, fix)
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: {fix}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): {fix}.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}: {fix}.")
+    return data
+
+
+def _component_class(entry: list) -> type | None:
+    """The class a model_index.json entry [library, class] names, from this package or from the library."""
+    for module_name in (__name__.rpartition(".")[0], entry[0]):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, entry[1]):
+            return getattr(module, entry[1])
+    return None
+
+
+def _check_config_types(path: Path, cls: type | None, fix: str) -> None:
+    """Each config entry against the JSON type of its class's default (int, float, str, bool, list)."""
+    config = _read_json(path, fix)
+    if cls is None:
+        return
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+    for key, value in config.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if key.startswith("_") or default in (inspect.Parameter.empty, None) or value is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        elif isinstance(default, (list, tuple)):
+            ok = isinstance(value, list)
+        else:
+            continue
+        if not ok:
+            raise ValueError(
+                f"{path}: {key!r} is {value!r} ({type(value).__name__}); {cls.__name__} expects type "
+                f"{'list' if isinstance(default, (list, tuple)) else type(default).__name__} (like {default!r}). "
+                f"Correct it in the file, or {fix}."
+            )
+
+
+def _check_safetensors(path: Path, fix: str) -> None:
+    """A safetensors file holds an 8-byte header length, the JSON header, then the tensor bytes the header places."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes, no whole header): {fix}.")
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} has a damaged safetensors header: {fix}.") from None
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ValueError(
+            f"{path} is truncated: {size} bytes, its header places tensors up to byte {8 + length + end}: {fix}."
+        )

@@ -59,8 +59,12 @@ MAX_IMAGES = 16  # per request, over all classes
 MAX_IMAGES_PER_CLASS = 8
 MAX_STEPS = 250  # the official ImageNet recipe's step count
 MAX_GUIDANCE = 10.0
-QUEUE_SIZE = 16  # requests waiting; more are turned away with a "queue is full" message
-CONCURRENCY = 1  # one request samples at a time: they share one model (and one GPU)
+# Requests waiting: more are turned away at once with gradio's "Queue is full ... try again" message, so that a waiting
+# caller never waits longer than ~QUEUE_SIZE requests (a 16-image request takes ~3 s on a busy 2-core CPU: < 1 min)
+# and memory stays bounded (a waiting request holds only its inputs; one runs).
+QUEUE_SIZE = 16
+CONCURRENCY = 1  # one request samples at a time: they share one model (and one GPU, or one CPU thread)
+SAMPLING = "sampling"  # the concurrency group of the page's Generate and the `/generate` API: one slot for both
 OWN_SCHEDULER = "default"  # the scheduler choice that keeps the model's own scheduler
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -277,6 +281,10 @@ class Values:
     randomize_seed: bool = False
 
 
+class ClientLeft(Exception):
+    """The caller of a running request went away (closed the page, dropped the connection): sampling stops."""
+
+
 def recipe_defaults(pipe: DiffiTPipeline) -> Values:
     """The model's saved recipe, as the controls' initial values."""
     return Values(
@@ -438,7 +446,14 @@ def check_request(
     seed: int | None,
     randomize_seed: bool = False,
 ) -> Request:
-    """The page's values -> a `Request`; a mistake raises `ValueError` saying, in plain words, what to change."""
+    """The page's values -> a `Request`; a mistake raises `ValueError` saying, in plain words, what to change. A
+    sampling setting that is None (steps, guidance_scale, guidance_schedule, scheduler; an API call that leaves it
+    out) is the model's saved recipe."""
+    recipe = recipe_defaults(pipe)
+    steps = recipe.steps if steps is None else steps
+    guidance_scale = recipe.guidance_scale if guidance_scale is None else guidance_scale
+    guidance_schedule = recipe.guidance_schedule if guidance_schedule is None else guidance_schedule
+    scheduler = recipe.scheduler if scheduler is None else scheduler
     ids = resolve_classes(pipe, classes)
     if ids and not pipe.transformer.config.num_classes:
         raise ValueError("This model is unconditional: leave the classes empty.")
@@ -469,12 +484,15 @@ def scheduler_label(pipe: DiffiTPipeline, value: str) -> str:
     return dict((v, label) for label, v in scheduler_choices(pipe))[value]
 
 
-def sample(pipe: DiffiTPipeline, request: Request, on_step=None) -> Result:
-    """Run a checked request. `on_step(done, total)` is called after every denoising step."""
+def sample(pipe: DiffiTPipeline, request: Request, on_step=None, client_left=None) -> Result:
+    """Run a checked request. `on_step(done, total)` is called after every denoising step; when `client_left()` says
+    True after a step, sampling stops there with `ClientLeft` (the pipeline's lock and scheduler are released)."""
 
     def callback(pipeline, step, timestep, tensors):
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
+        if client_left is not None and client_left():
+            raise ClientLeft(f"The client left; stopped after step {step + 1} of {pipeline.num_timesteps}.")
         return tensors
 
     with _PIPE_LOCK:
@@ -499,14 +517,28 @@ def sample(pipe: DiffiTPipeline, request: Request, on_step=None) -> Result:
     return Result(images, captions, make_grid(images, per_class, upscale), request.seed)
 
 
-def generate(pipe: DiffiTPipeline, *args, on_step=None, **kwargs) -> Result:
+def generate(pipe: DiffiTPipeline, *args, on_step=None, client_left=None, **kwargs) -> Result:
     """`check_request` then `sample`: the arguments of `check_request` (classes, images_per_class, steps,
     guidance_scale, guidance_schedule, scheduler, seed, randomize_seed) -> images, captions, grid and the seed used."""
-    return sample(pipe, check_request(pipe, *args, **kwargs), on_step=on_step)
+    return sample(pipe, check_request(pipe, *args, **kwargs), on_step=on_step, client_left=client_left)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The page
+
+
+def gradio_client_left() -> bool:
+    """Whether the caller of the gradio event running in this thread has gone (closed the page or dropped the
+    connection). Gradio 6 then drops the event's waiting entries and marks the running one dead, but lets a running
+    function finish; the run asks this after every step and stops, freeing its slot for the next caller. False outside
+    a gradio event."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    if blocks is None or event_id is None:
+        return False
+    events = [event for job in blocks._queue.active_jobs if job for event in job if event._id == event_id]
+    return bool(events) and not any(event.alive for event in events)
 
 
 def on_gpu(fn):
@@ -561,16 +593,17 @@ def build_demo(models: dict[str, tuple[DiffiTPipeline, ModelInfo]]):
     def run(
         classes,
         images_per_class,
-        steps,
-        guidance_scale,
-        guidance_schedule,
-        scheduler,
-        seed,
-        randomize_seed,
-        model,
+        steps=None,
+        guidance_scale=None,
+        guidance_schedule=None,
+        scheduler=None,
+        seed=None,
+        randomize_seed=False,
+        model=default,
         progress=gr.Progress(),
     ):
-        """Sample images: returns the gallery (PNG files with their class names), the grid and the seed used."""
+        """Sample images: returns the gallery (PNG files with their class names), the grid and the seed used. A
+        sampling setting left out (None) is the model's saved recipe."""
         progress(0, desc="Starting")
         try:
             pipe, _ = pick_model(models, model)
@@ -586,10 +619,16 @@ def build_demo(models: dict[str, tuple[DiffiTPipeline, ModelInfo]]):
                 randomize_seed,
             )
             result = sample(
-                pipe, request, on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps")
+                pipe,
+                request,
+                on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
+                client_left=gradio_client_left,
             )
         except ValueError as error:  # the user's mistake (API calls skip `check`): say what to change
             raise gr.Error(str(error), duration=None, print_exception=False) from None
+        except ClientLeft as error:  # nobody reads the answer; the slot is free for the next caller
+            logger.info("%s", error)
+            raise gr.Error(str(error), print_exception=False) from None
         except torch.OutOfMemoryError:
             raise gr.Error("The GPU ran out of memory: ask for fewer images.", duration=None) from None
         return list(zip(result.images, result.captions)), result.grid, result.seed
@@ -694,8 +733,18 @@ def build_demo(models: dict[str, tuple[DiffiTPipeline, ModelInfo]]):
             label="Examples",
             elem_id="examples",
         )
+        # the `/generate` API's sampling settings: left out (None), they are the picked model's saved recipe, not the
+        # page's first values (which are the default model's)
+        recipe_inputs = [
+            gr.Number(None, label="Steps", visible=False),
+            gr.Number(None, label="Guidance scale", visible=False),
+            gr.Textbox(None, label="Guidance schedule", visible=False),
+            gr.Textbox(None, label="Scheduler", visible=False),
+        ]
+        api_trigger = gr.Button(visible=False)
         gr.Markdown(
-            f"One request runs at a time (at most {QUEUE_SIZE} wait). Images are lossless PNGs at the model's "
+            f"One request runs at a time (at most {QUEUE_SIZE} wait; more are asked to try again). Images are "
+            "lossless PNGs at the model's "
             "resolution: open one in the gallery to download it. API: `gradio_client.Client(url).predict(..., "
             'model=..., api_name="/generate")`, see the Space README.'
         )
@@ -714,9 +763,18 @@ def build_demo(models: dict[str, tuple[DiffiTPipeline, ModelInfo]]):
             run,
             [*inputs, model],
             [gallery, grid, seed],
+            api_visibility="private",
+            concurrency_limit=CONCURRENCY,
+            concurrency_id=SAMPLING,
+            show_progress_on=[gallery, grid],
+        )
+        api_trigger.click(
+            run,
+            [classes, images_per_class, *recipe_inputs, seed, randomize_seed, model],
+            [gallery, grid, seed],
             api_name="generate",
             concurrency_limit=CONCURRENCY,
-            show_progress_on=[gallery, grid],
+            concurrency_id=SAMPLING,
         )
         model.input(show_model, model, controlled, api_visibility="private", queue=False)
         example_table.click(
@@ -736,9 +794,10 @@ def build_demo(models: dict[str, tuple[DiffiTPipeline, ModelInfo]]):
     return demo
 
 
-def launch(demo, **kwargs):
-    """Queue with a concurrency limit and a bounded queue, then serve (kwargs go to `Blocks.launch`)."""
-    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY).launch(css=CSS, **kwargs)
+def launch(demo, queue_size: int = QUEUE_SIZE, **kwargs):
+    """Queue with a concurrency limit and at most `queue_size` waiting requests, then serve (kwargs go to
+    `Blocks.launch`)."""
+    return demo.queue(max_size=queue_size, default_concurrency_limit=CONCURRENCY).launch(css=CSS, **kwargs)
 
 
 def main():

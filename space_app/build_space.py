@@ -153,9 +153,10 @@ Vahdat; ECCV 2024) through the `diffusers-diffit` package, whose source is in `d
 
 ## API
 
-The `generate` endpoint takes the page's inputs and the model; those left out keep the values the page starts with:
-the first model and its saved recipe (a request for another model may want to give its `steps` and
-`guidance_scale`).
+The `generate` endpoint takes the page's inputs and the model. Left out, the model is the first one, the sampling
+settings (`steps`, `guidance_scale`, `guidance_schedule`, `scheduler`) are the picked model's saved recipe, and the
+classes, images per class and seed are the values the page starts with. One request samples at a time and a bounded
+number wait (the page says how many); when the queue is full, a call fails at once with "Queue is full! Please try again.": retry a little later.
 
 ```python
 from gradio_client import Client

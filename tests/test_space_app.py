@@ -3,13 +3,11 @@
 what the page's Model picker switches. The page itself is driven in a browser in test_space_ui.py."""
 
 import dataclasses
-import importlib.util
 import io
 import json
 import random
 import shutil
 import types
-from pathlib import Path
 
 import pytest
 
@@ -17,34 +15,12 @@ from diffusers_diffit import embedded_model_path, imagenet_id2label
 from diffusers_diffit.guidance import usable_guidance_schedules
 from diffusers_diffit.labels import lookup_label_ids
 from diffusers_diffit.schedulers import scheduler_presets
-
-
-APP = Path(__file__).resolve().parents[1] / "space_app" / "app.py"
-
-
-def load_module(path: Path, name: str):
-    """A script of space_app/ as a module (space_app/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_app():
-    return load_module(APP, "space_app_main")
+from tests.utils import load_app, shipped_models
 
 
 @pytest.fixture(scope="module")
 def app():
     return load_app()
-
-
-def shipped_models(app):
-    """What the Space serves with nothing configured: both models shipped in the package."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("DIFFIT_MODEL", raising=False)
-        patch.setattr(app, "SPACE_CONFIG", app.HERE / "no-space-config.json")
-        return app.load_pipelines()
 
 
 @pytest.fixture(scope="module")

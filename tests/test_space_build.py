@@ -20,8 +20,7 @@ from PIL import Image
 
 from diffusers_diffit import embedded_model_path
 from diffusers_diffit.embedded import EMBEDDED_MODELS
-
-from .test_space_app import load_module
+from tests.utils import load_script
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def builder():
-    return load_module(ROOT / "space_app" / "build_space.py", "build_space")
+    return load_script(ROOT / "space_app" / "build_space.py")
 
 
 def card(folder: Path):

@@ -3,7 +3,7 @@
 on 127.0.0.1.
 
 These tests fail, not skip, when Chromium or Playwright is missing (CI installs both, see .ci/run); set
-DIFFIT_SKIP_UI=1 to skip the browser part explicitly. DIFFIT_SCREENSHOT=path saves the README's screenshot.
+DIFFIT_SKIP_UI=1 to skip the browser part explicitly. DIFFIT_SCREENSHOT=path saves the screenshot of docs/space.md.
 """
 
 import io
@@ -20,7 +20,7 @@ from gradio_client import Client
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from .test_space_app import load_app, shipped_models
+from tests.utils import load_app, shipped_models
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -330,7 +330,7 @@ def test_an_example_of_the_other_model_switches_to_it(page, server, app):
 
 def test_gradio_client_picks_the_model(server, app):
     client = Client(server.url, verbose=False)
-    defaults = app.recipe_defaults(server.pipe)  # what the API takes for the inputs left out: the first model's
+    defaults = app.recipe_defaults(server.latent)  # what the API takes for the recipe left out: the model's own
     scheduler = app.scheduler_choices(server.latent)[1][1]  # not one of the first model's choices
     gallery, grid, seed = client.predict(
         classes=["3"],
