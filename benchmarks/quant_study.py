@@ -1,0 +1,114 @@
+"""Judged quality of quantized and lower-precision `digits-latent` against float32, in one run.
+
+Each variant is the shipped latent digits pipeline loaded through diffusers' own API: `torch_dtype=torch.bfloat16`;
+torchao int8 weight-only and int8 dynamic-activation through `PipelineQuantizationConfig(quant_mapping=
+{"transformer": TorchAoConfig(...)})` (in bfloat16: diffusers' torchao path computes the rest of the model in
+bfloat16); quanto int8 weights (`QuantoConfig`, float32 activations); fp8 (e4m3) weight storage with float32 compute
+(`enable_layerwise_casting`); block-level group offloading to disk (`enable_group_offload(offload_to_disk_path=...)`,
+onload device CPU). Every variant samples the pipeline's saved recipe with the same labels and initial noise per
+seed and is scored by the digits judge (`diffusers_diffit.evaluation.digits`): accuracy, FD on MLP and PCA features.
+
+    python -m benchmarks.quant_study --seeds 0 1 2 --results benchmarks/results/quant_digits_latent.jsonl
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import PipelineQuantizationConfig, QuantoConfig, TorchAoConfig
+
+from diffusers_diffit import DiffiTPipeline, embedded_model_path
+from diffusers_diffit.data.digits import digits_split
+from diffusers_diffit.evaluation.digits import DigitsJudge, sample_digit_ink
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def torchao(config_name: str) -> PipelineQuantizationConfig:
+    from torchao import quantization
+
+    return PipelineQuantizationConfig(
+        quant_mapping={"transformer": TorchAoConfig(getattr(quantization, config_name)())}
+    )
+
+
+def load(variant: str, path: str, workdir: str) -> DiffiTPipeline:
+    if variant == "fp32":
+        return DiffiTPipeline.from_pretrained(path)
+    if variant == "bf16":
+        return DiffiTPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
+    if variant == "torchao-int8-weight-only":
+        return DiffiTPipeline.from_pretrained(
+            path, quantization_config=torchao("Int8WeightOnlyConfig"), torch_dtype=torch.bfloat16
+        )
+    if variant == "torchao-int8-dynamic":
+        config = torchao("Int8DynamicActivationInt8WeightConfig")
+        return DiffiTPipeline.from_pretrained(path, quantization_config=config, torch_dtype=torch.bfloat16)
+    if variant == "quanto-int8":
+        config = PipelineQuantizationConfig(quant_mapping={"transformer": QuantoConfig("int8")})
+        return DiffiTPipeline.from_pretrained(path, quantization_config=config)
+    pipe = DiffiTPipeline.from_pretrained(path)
+    if variant == "fp8-storage":
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    elif variant == "group-offload-disk":
+        pipe.transformer.enable_group_offload(
+            torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1, offload_to_disk_path=workdir
+        )
+    else:
+        raise ValueError(f"`variant` {variant!r} is not one of {VARIANTS}.")
+    return pipe
+
+
+VARIANTS = (
+    "fp32",
+    "bf16",
+    "torchao-int8-weight-only",
+    "torchao-int8-dynamic",
+    "quanto-int8",
+    "fp8-storage",
+    "group-offload-disk",
+)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--per-class", type=int, default=50, help="samples per digit and seed")
+    parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "quant_digits_latent.jsonl")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+    path = str(embedded_model_path("digits-latent"))
+    judge = DigitsJudge(*digits_split()[:2])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for variant in args.variants:
+        with tempfile.TemporaryDirectory() as workdir:
+            pipe = load(variant, path, workdir)
+            for seed in args.seeds:
+                start = time.perf_counter()
+                scores = judge(*sample_digit_ink(pipe, args.per_class, seed))
+                record = {"model": "digits-latent", "variant": variant, "seed": seed, "per_class": args.per_class}
+                record.update(seconds=round(time.perf_counter() - start, 2), **scores)
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                rows.setdefault(variant, []).append(record)
+    print(f"\n| variant | accuracy | FD (MLP) | FD (PCA) | seconds / draw |  ({len(args.seeds)} seeds, mean ± std)")
+    print("|---|---:|---:|---:|---:|")
+    for variant, records in rows.items():
+        cells = []
+        for key in ("accuracy", "fd_mlp", "fd_pca", "seconds"):
+            values = [r[key] for r in records]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {std:.3f}")
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
