@@ -26,6 +26,7 @@ from diffusers_diffit.cli import make_grid, parse_labels
 from diffusers_diffit.guidance import GUIDANCE_SCHEDULES
 from diffusers_diffit.hub import DIFFIT_CITATION, create_model_card, push_to_hub
 from diffusers_diffit.pipelines import OFFICIAL_RECIPES, RECIPE_KEYS, DiffiTPipeline
+from diffusers_diffit.remote_code import remote_code_requirements
 from diffusers_diffit.utils import DTYPES, dtype_name
 
 
@@ -101,8 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def usage_section(repo_id: str, remote_code: bool) -> str:
-    """How to load the pipeline: with diffusers-diffit installed, and with plain diffusers when the repo has code."""
+def usage_section(repo_id: str, code_requirements: list[str] | None) -> str:
+    """How to load the pipeline: with diffusers-diffit installed, and with plain diffusers when the repo has code
+    (`code_requirements`: the pip packages its code files import; None for a repo without code)."""
     package = f"""```python
 import torch
 from diffusers_diffit import DiffiTPipeline  # pip install diffusers-diffit
@@ -111,13 +113,18 @@ pipe = DiffiTPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda
 image = pipe("golden retriever", generator=torch.manual_seed(0)).images[0]  # the official recipe below
 images = pipe([207, "tiger cat"], num_images_per_label=4).images  # ImageNet ids or names (any synonym)
 ```"""
-    if not remote_code:
+    if code_requirements is None:
         return f"""With the [diffusers-diffit](https://pypi.org/project/diffusers-diffit/) package installed:
 
 {package}
 
 This repo holds no code, so plain diffusers cannot load it without the package."""
-    return f"""With plain diffusers: the DiffiT code is in this repo (generated from diffusers-diffit), so trust it:
+    return f"""With plain diffusers: the DiffiT code is in this repo (generated from diffusers-diffit), so trust it. The
+code imports these packages:
+
+```bash
+pip install {" ".join(code_requirements)}
+```
 
 ```python
 import torch
@@ -140,10 +147,11 @@ def model_description(
     repo_id: str,
     vae: str,
     dtype: str,
-    remote_code: bool = False,
+    code_requirements: list[str] | None = None,
     sample_grid: str | None = None,
 ) -> str:
-    """The card text: what this is, how to use it, the recipe, NVIDIA's numbers, licence and citation."""
+    """The card text: what this is, how to use it (`code_requirements`: as in `usage_section`), the recipe, NVIDIA's
+    numbers, licence and citation."""
     cfg, recipe = pipe.transformer.config, OFFICIAL_RECIPES[image_size]
     schedule = GUIDANCE_SCHEDULES[recipe["guidance_schedule"]]
     values = [f"w = {recipe['guidance_scale']:g}"]
@@ -164,7 +172,7 @@ NVIDIA's released latent DiffiT ([Hatamizadeh et al., ECCV 2024](https://arxiv.o
 {grid}
 ## Usage
 
-{usage_section(repo_id, remote_code)}
+{usage_section(repo_id, code_requirements)}
 
 Faster sampling with another scheduler (the learned variance is then dropped):
 
@@ -261,11 +269,12 @@ def main(argv=None) -> None:
         )
         logger.info("Wrote %s", Path(args.output_path) / SAMPLE_GRID)
 
+    code_requirements = remote_code_requirements(args.output_path) if args.remote_code else None
     upload = args.push_to_hub is not None and not args.dry_run
     repo_id = args.push_to_hub or args.output_path
     card = create_model_card(
         args.push_to_hub if upload else args.output_path,  # a dry run reads no Hub card
-        model_description(pipe, image_size, repo_id, args.vae, args.dtype, args.remote_code, caption),
+        model_description(pipe, image_size, repo_id, args.vae, args.dtype, code_requirements, caption),
         license=LICENSE,
         base_model="nvidia/DiffiT",
         tags=TAGS,

@@ -14,7 +14,8 @@ per component because diffusers downloads exactly `<component>/<file>.py` and `<
 nothing next to them. A package import inside a function (an optional feature such as loading NVIDIA's original
 checkpoint) becomes `raise ImportError(...)` unless its module is inlined anyway. Generated files may import only the
 standard library and `ALLOWED_IMPORTS`; anything else is a `ValueError` at generation time. The header of each file
-names the pip packages it needs (einops, for the models, is not a requirement of diffusers itself).
+names the pip packages it needs (einops, for the models, is not a requirement of diffusers itself), and
+`remote_code_requirements(folder)` gathers them for the install line of the repo's model card.
 
 With the package imported, `install_diffusers_hooks()` (called by `import diffusers_diffit`) makes diffusers resolve
 such files to the package's own classes without running them, so `DiffusionPipeline.from_pretrained(folder)` returns
@@ -206,7 +207,7 @@ def generate_module_file(module_name: str) -> str:
 
     code = "\n\n".join(p for p in [docstring, "\n".join(future + imports)] if p)
     code += "\n\n\n" + "\n\n\n".join(body) + "\n"
-    packages = sorted({ALLOWED_IMPORTS[m] for m in check_generated_imports(code, module_name)}, key=str.lower)
+    packages = pip_requirements(code, module_name)
     inlined_paths = ", ".join(path for _, path in sources[:-1]) or "nothing"
     header = (
         f"{HEADER_PREFIX}{_package_version()} from {module_name} (inlining {inlined_paths}).\n"
@@ -242,6 +243,11 @@ def check_generated_imports(text: str, origin: str = "generated file") -> list[s
             f"{list(ALLOWED_IMPORTS)}."
         )
     return sorted({n.split(".")[0] for n in names} & set(ALLOWED_IMPORTS))
+
+
+def pip_requirements(text: str, origin: str = "generated file") -> list[str]:
+    """The pip packages a generated file imports (checked by `check_generated_imports`), sorted by name."""
+    return sorted({ALLOWED_IMPORTS[m] for m in check_generated_imports(text, origin)}, key=str.lower)
 
 
 def _config_json(path: Path) -> dict:
@@ -310,17 +316,28 @@ def generated_from(text: str) -> str | None:
     return match.group(2) if match and _is_package_module(match.group(2)) else None
 
 
-def stale_remote_code_files(folder: str | os.PathLike) -> list[str]:
-    """The generated code files in `folder` that differ from what the installed package generates now (another
-    version, or sources changed since): regenerate them with `save_pretrained(..., remote_code=True)`."""
-    folder = Path(folder)
-    stale = []
+def _generated_files(folder: Path) -> list[tuple[str, str, str]]:
+    """(path relative to `folder`, text, package module it was generated from) of every generated code file."""
+    files = []
     for path in sorted(folder.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         module = generated_from(text)
-        if module is not None and generate_module_file(module) != text:
-            stale.append(path.relative_to(folder).as_posix())
-    return stale
+        if module is not None:
+            files.append((path.relative_to(folder).as_posix(), text, module))
+    return files
+
+
+def stale_remote_code_files(folder: str | os.PathLike) -> list[str]:
+    """The generated code files in `folder` that differ from what the installed package generates now (another
+    version, or sources changed since): regenerate them with `save_pretrained(..., remote_code=True)`."""
+    return [path for path, text, module in _generated_files(Path(folder)) if generate_module_file(module) != text]
+
+
+def remote_code_requirements(folder: str | os.PathLike) -> list[str]:
+    """The pip packages the generated code files in `folder` import, read from the files themselves: the install
+    line of a remote-code repo's model card."""
+    packages = {p for path, text, _ in _generated_files(Path(folder)) for p in pip_requirements(text, path)}
+    return sorted(packages, key=str.lower)
 
 
 # ---------------------------------------------------------------------------------------------------------------

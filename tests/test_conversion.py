@@ -1,7 +1,6 @@
 """conversion/convert_diffit_to_diffusers.py end to end on a random checkpoint in NVIDIA's key layout, and the Hub
 helpers it uses (model card, upload plan). Offline: the VAE is a tiny local folder, uploads go to a fake HfApi."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,80 +9,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffusers_diffit import hub
 from diffusers_diffit.labels import imagenet_id2label
 from diffusers_diffit.pipelines import DiffiTPipeline
-from tests.utils import tiny_vae
-
-
-SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_diffit_to_diffusers.py"
-DIM, HEADS, DEPTH, PATCH, SIDE, CLASSES = 16, 2, 2, 2, 8, 1000  # latent side 8 -> a 4×4 token grid
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_diffit_to_diffusers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def official_layout_checkpoint(seed=0) -> dict[str, torch.Tensor]:
-    """Random tensors under the released key names and shapes (SPEC.md §2), derived tensors included."""
-    g = torch.Generator().manual_seed(seed)
-    grid, tokens = SIDE // PATCH, (SIDE // PATCH) ** 2
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g) * 0.1
-
-    # MAE sin-cos table: first half of the channels encodes the column, second half the row; [sin, cos] each
-    omega = 1.0 / 10000 ** (torch.arange(DIM // 4, dtype=torch.float64) / (DIM / 4))
-    rows, cols = torch.arange(tokens) // grid, torch.arange(tokens) % grid
-    angles = [pos[:, None].double() * omega for pos in (cols, rows)]
-    pos_embed = torch.cat([torch.cat([a.sin(), a.cos()], 1) for a in angles], 1).float()[None]
-    # Swin index: (Δrow + w − 1)·(2w − 1) + Δcol + w − 1
-    d_row, d_col = rows[:, None] - rows[None], cols[:, None] - cols[None]
-    index = (d_row + grid - 1) * (2 * grid - 1) + d_col + grid - 1
-
-    state = {
-        "pos_embed": pos_embed,
-        "x_embedder.proj.weight": randn(DIM, 4, PATCH, PATCH),
-        "x_embedder.proj.bias": randn(DIM),
-        "t_embedder.mlp.0.weight": randn(DIM, 256),
-        "t_embedder.mlp.0.bias": randn(DIM),
-        "t_embedder.mlp.2.weight": randn(DIM, DIM),
-        "t_embedder.mlp.2.bias": randn(DIM),
-        "y_embedder.embedding_table.weight": randn(CLASSES + 1, DIM),
-        "final_layer.linear.weight": randn(PATCH * PATCH * 8, DIM),
-        "final_layer.linear.bias": randn(PATCH * PATCH * 8),
-    }
-    for i in range(DEPTH):
-        state |= {
-            f"blocks.{i}.attn.qkv.weight": randn(3 * DIM, DIM),
-            f"blocks.{i}.attn.qkv.bias": randn(3 * DIM),
-            f"blocks.{i}.attn.qkv_temb.weight": randn(3 * DIM, DIM),
-            f"blocks.{i}.attn.qkv_temb.bias": randn(3 * DIM),
-            f"blocks.{i}.attn.proj.weight": randn(DIM, DIM),
-            f"blocks.{i}.attn.proj.bias": randn(DIM),
-            f"blocks.{i}.attn.relative_position_bias_table": randn((2 * grid - 1) ** 2, HEADS),
-            f"blocks.{i}.attn.relative_position_index": index.clone(),
-            f"blocks.{i}.mlp.fc1.weight": randn(4 * DIM, DIM),
-            f"blocks.{i}.mlp.fc1.bias": randn(4 * DIM),
-            f"blocks.{i}.mlp.fc2.weight": randn(DIM, 4 * DIM),
-            f"blocks.{i}.mlp.fc2.bias": randn(DIM),
-        }
-    return state
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """An official-layout checkpoint file and a tiny SD-style VAE folder (downsampling ×2: 16-px images)."""
-    root = tmp_path_factory.mktemp("inputs")
-    state = official_layout_checkpoint()
-    save_file(state, root / "diffit_tiny.safetensors")
-    tiny_vae().save_pretrained(root / "vae")
-    return root / "diffit_tiny.safetensors", root / "vae", state
+from tests.utils import CONVERTER, DIM, load_script
 
 
 @pytest.fixture(autouse=True)
@@ -95,10 +26,10 @@ def no_hub_uploads(monkeypatch):
     monkeypatch.setattr(hub, "HfApi", Offline)
 
 
-def test_conversion_writes_a_complete_verified_pipeline(inputs, tmp_path, capsys):
-    checkpoint, vae, state = inputs
+def test_conversion_writes_a_complete_verified_pipeline(conversion_inputs, tmp_path, capsys):
+    checkpoint, vae, state = conversion_inputs
     out = tmp_path / "DiffiT-tiny"
-    load_script().main(
+    load_script(CONVERTER).main(
         ["--checkpoint_path", str(checkpoint), "--output_path", str(out), "--vae", str(vae), "--image_size", "256"]
     )
 
@@ -158,10 +89,10 @@ def test_conversion_writes_a_complete_verified_pipeline(inputs, tmp_path, capsys
     assert "Would upload" not in capsys.readouterr().out
 
 
-def test_dry_run_lists_the_upload_without_network(inputs, tmp_path, capsys):
-    checkpoint, vae, _ = inputs
+def test_dry_run_lists_the_upload_without_network(conversion_inputs, tmp_path, capsys):
+    checkpoint, vae, _ = conversion_inputs
     out = tmp_path / "converted"
-    load_script().main(
+    load_script(CONVERTER).main(
         [
             "--checkpoint_path",
             str(checkpoint),
@@ -196,9 +127,9 @@ def test_dry_run_lists_the_upload_without_network(inputs, tmp_path, capsys):
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
-def test_conversion_arguments_are_checked(inputs, tmp_path):
-    checkpoint, vae, _ = inputs
-    script = load_script()
+def test_conversion_arguments_are_checked(conversion_inputs, tmp_path):
+    checkpoint, vae, _ = conversion_inputs
+    script = load_script(CONVERTER)
     base = ["--checkpoint_path", str(checkpoint), "--output_path", str(tmp_path / "x"), "--vae", str(vae)]
     with pytest.raises(ValueError, match=r"`image_size` must be one of \[256, 512\], got 16"):
         script.main(base)  # a 16-px toy: the recipe must be chosen explicitly
@@ -212,8 +143,8 @@ def test_conversion_arguments_are_checked(inputs, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_image_size_must_match_an_official_checkpoint(inputs):
-    checkpoint = inputs[0]
+def test_image_size_must_match_an_official_checkpoint(conversion_inputs):
+    checkpoint = conversion_inputs[0]
     # a VAE that downsamples ×32 turns the 8×8 latents into 256-px images: an official size, so it must agree
     vae = AutoencoderKL(
         block_out_channels=(4,) * 6,

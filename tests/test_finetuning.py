@@ -5,7 +5,7 @@ import torch
 
 from diffusers_diffit import DiffiTTransformer2DModel
 from diffusers_diffit.finetuning import default_class_map, resize_class_embedding
-from tests.test_pipeline import tiny_transformer
+from tests.utils import tiny_transformer
 
 
 def _eps(model, x, t, labels):

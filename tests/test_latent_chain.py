@@ -21,7 +21,7 @@ import diffusers_diffit  # noqa: F401  (registers the pipeline with diffusers)
 from diffusers_diffit import OFFICIAL_RECIPES, DiffiTPipeline, embedded_model_path, official_scheduler
 from diffusers_diffit.data import ImageDataset, load_vae
 from diffusers_diffit.utils import normalize_latents
-from tests.utils import ROOT, TINY_TRANSFORMER, load_example, run_in_process, write_image_folder
+from tests.utils import ROOT, load_example, run_in_process, write_config, write_image_folder
 
 
 train_autoencoder = load_example("train_autoencoder")
@@ -50,7 +50,7 @@ def chain(tmp_path_factory) -> dict:
         )
     finally:
         os.chdir(cwd)
-    (root / "transformer.json").write_text(json.dumps({"_class_name": "DiffiTTransformer2DModel", **TINY_TRANSFORMER}))
+    write_config(root / "transformer.json", "tiny-transformer")
     common = ["--model_config_name_or_path", root / "transformer.json", "--train_batch_size", 4, "--report_to", "none"]
     run_in_process(  # started from another folder than the latents were made in: the recorded VAE is still found
         train_diffit,
@@ -114,8 +114,7 @@ def refused(argv: list, match: str, output_dir) -> None:
 
 
 def test_vae_with_other_latent_channels_is_refused_before_any_work(chain, tmp_path):
-    config = {"_class_name": "DiffiTTransformer2DModel", **TINY_TRANSFORMER, "in_channels": 3, "out_channels": 6}
-    (tmp_path / "three.json").write_text(json.dumps(config))
+    write_config(tmp_path / "three.json", "tiny-transformer", in_channels=3, out_channels=6)
     argv = ["--model_config_name_or_path", tmp_path / "three.json", "--vae", chain["vae"]]
     argv += ["--train_data_dir", chain["root"] / "images", "--output_dir", tmp_path / "out", "--report_to", "none"]
     refused(argv, "The VAE has 4 latent channels but the model takes 3", tmp_path / "out")

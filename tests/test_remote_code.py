@@ -3,8 +3,11 @@
 and sample exactly what the package samples; with the package imported, diffusers gives the package's own classes for
 every DiffiT folder, with or without code. Tiny models, CPU, offline."""
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +28,13 @@ from diffusers_diffit.remote_code import (
     check_generated_imports,
     generate_module_file,
     generated_from,
+    remote_code_requirements,
     stale_remote_code_files,
 )
-from tests.test_conversion import inputs, load_script  # noqa: F401  (`inputs` is a fixture)
-from tests.test_pipeline import _one_thread  # noqa: F401  (autouse fixture: one thread per test)
+from tests.utils import CONVERTER, load_script, make_pipe, named_model
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHILD = Path(__file__).with_name("remote_code_child.py")
 LATENT_CALL = {"class_labels": [207, "tiger cat"], "num_inference_steps": 3}
@@ -54,14 +59,14 @@ class RecordingApi:
 
 
 @pytest.fixture(scope="module")
-def latent_repo(inputs, tmp_path_factory):  # noqa: F811
+def latent_repo(conversion_inputs, tmp_path_factory):
     """The converter's output with --remote_code for a tiny official-layout checkpoint, pushed to a recording HfApi."""
-    checkpoint, vae, _ = inputs
+    checkpoint, vae, _ = conversion_inputs
     out = tmp_path_factory.mktemp("latent") / "DiffiT-tiny"
     RecordingApi.calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hub, "HfApi", RecordingApi)
-        load_script().main(
+        load_script(CONVERTER).main(
             [
                 "--checkpoint_path",
                 str(checkpoint),
@@ -89,18 +94,7 @@ def latent_repo(inputs, tmp_path_factory):  # noqa: F811
 def pixel_repo(tmp_path_factory):
     """A tiny class-conditional image-space DiffiT with the package's EDM scheduler, saved with remote code."""
     torch.manual_seed(0)
-    unet = DiffiTUNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        window_size=4,
-        attention_head_dim=4,
-        time_embedding_dim=16,
-        num_classes=10,
-        norm_num_groups=4,
-        frequency_embedding_size=16,
-    )
+    unet = named_model("tiny-unet", sample_size=8, block_out_channels=(16, 32))
     pipe = DiffiTPipeline(unet, EDMHeunScheduler(), id2label={i: [str(i)] for i in range(10)}, guidance_scale=1.5)
     out = tmp_path_factory.mktemp("pixel") / "DiffiT-pixel"
     pipe.save_pretrained(out, remote_code=True)
@@ -291,7 +285,6 @@ def test_diffusers_hub_download_accepts_repos_without_code(tmp_path):
 
 
 def _saved_latent(tmp_path) -> Path:
-    from tests.test_pipeline import make_pipe
 
     make_pipe().save_pretrained(tmp_path / "latent")
     return tmp_path / "latent"
@@ -350,6 +343,30 @@ def test_model_card_and_upload(latent_repo):
     assert {"pipeline_diffit.py", "transformer/transformer_diffit.py", "sample_grid.png", "README.md"} <= set(uploaded)
 
 
+def test_card_install_line_names_every_package_the_generated_code_imports(latent_repo):
+    """Each module the generated files import from outside the standard library, found by parsing the files and
+    asking importlib.metadata which distribution provides it, is on the card's one pip line; einops among them
+    (diffusers does not install it)."""
+    folder, _ = latent_repo
+    providers = importlib.metadata.packages_distributions()
+    canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+    needed = set()
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module.split(".")[0]]
+            else:
+                continue
+            needed |= {canonical(d) for m in modules if m not in sys.stdlib_module_names for d in providers[m]}
+    assert {"einops", "torch", "diffusers"} <= needed
+    text = ModelCard.load(folder / "README.md").text
+    pip_lines = [line.split()[2:] for line in text.splitlines() if line.startswith("pip install ")]
+    assert len(pip_lines) == 1 and needed <= {canonical(p) for p in pip_lines[0]}
+    assert pip_lines[0] == remote_code_requirements(folder)
+
+
 def test_card_text_is_written_as_given(tmp_path):
     text = "# DiffiT\n\n{{ not_a_variable }} {% if x %}\n\n```python\nlabels = {'a': [1, 2]}\n```\n"
     hub.create_model_card(tmp_path, text, license="mit", tags=["diffit"]).save(tmp_path / "README.md")
@@ -358,10 +375,10 @@ def test_card_text_is_written_as_given(tmp_path):
     assert card.data.to_dict() == {"library_name": "diffusers", "license": "mit", "tags": ["diffit"]}
 
 
-def test_card_without_remote_code_does_not_promise_plain_diffusers(inputs, tmp_path, capsys):  # noqa: F811
-    checkpoint, vae, _ = inputs
+def test_card_without_remote_code_does_not_promise_plain_diffusers(conversion_inputs, tmp_path, capsys):
+    checkpoint, vae, _ = conversion_inputs
     out = tmp_path / "no-code"
-    load_script().main(
+    load_script(CONVERTER).main(
         [
             "--checkpoint_path",
             str(checkpoint),
