@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample lint format browser test test-other-kernels bench bench-cpu gpu-check gpu-suite-smoke dist space demo digits-latent clean
+.PHONY: setup sample lint docs format browser test test-other-kernels bench bench-cpu bench-quant gpu-check gpu-suite-smoke dist space demo digits-latent clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,15 @@ test: setup browser
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# The docs site (mkdocs-material, API pages from the docstrings by mkdocstrings) into site/; --strict makes a broken
+# link or reference an error. Offline: no fonts or scripts are fetched at build time.
+$(VENV)/.docs-installed: $(VENV)/.installed setup.cfg constraints-ci.txt
+	$(PIP) install -c constraints-ci.txt -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 format: setup
 	$(PY) -m ruff check --fix .
@@ -80,6 +89,11 @@ bench: setup
 bench-cpu: setup
 	$(PY) -m benchmarks.bench_transformer --device cpu --threads 2 --only ours --repeats 9
 
+# Judged quality of digits-latent quantized (torchao int8, quanto int8), in bf16, with fp8 weight storage and with
+# group offloading to disk, against fp32 in the same run, 3 seeds (docs/performance.md).
+bench-quant: setup
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.quant_study --seeds 0 1 2
+
 # On a CUDA machine (CI has none): the tests marked `gpu`, then the GPU suite (one table, <= 8 min on an H100/H200).
 gpu-check: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests
@@ -97,4 +111,4 @@ dist: setup
 	DIFFIT_DIST=dist HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_packaging.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info space
+	rm -rf $(VENV) build dist *.egg-info space site

@@ -10,11 +10,11 @@ the quality of NVIDIA's 250-step sampler, and what the learned variance buys.
         --guidance full --seeds 0 1 2 3 4 --results benchmarks/results/nfe_digits_latent.jsonl
     # markdown table, the fewest calls within the baseline's seed noise, and a PNG
     python -m benchmarks.nfe_study report --results benchmarks/results/nfe_digits_latent.jsonl \\
-        --baseline ddpm full 250 --plot benchmarks/nfe_digits_latent.png
+        --baseline ddpm full 250 --plot docs/nfe_digits_latent.png
 
     # the shipped EDM digits model (the default `--model digits`)
     python -m benchmarks.nfe_study run --samplers edm-heun edm-euler dpmpp-2m --calls 6 8 10 12 --seeds 0
-    python -m benchmarks.nfe_study report --plot benchmarks/nfe_digits.png
+    python -m benchmarks.nfe_study report --plot docs/nfe_digits.png
 
     # a converted ImageNet pipeline (GPU): FID of `diffusers_diffit.evaluation` against ADM's reference batch
     python -m benchmarks.nfe_study run --model DiffiT-XL-2-256 --reference VIRTUAL_imagenet256_labeled.npz \\

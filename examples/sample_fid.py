@@ -13,7 +13,7 @@ images does not depend on the number of processes or the batch size (up to float
     python evaluator.py VIRTUAL_imagenet256_labeled.npz fid/diffit-256/samples.npz
 
 The pipeline's own sampling recipe is used unless a flag overrides it (for a converted 256-px pipeline: the
-official 250-step DDPM sampler with the power-cosine guidance, SPEC.md §3).
+official 250-step DDPM sampler with the power-cosine guidance, docs/diffit-equations.md#sampling).
 """
 
 import argparse

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from benchmarks import nfe_study
-from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel, embedded_model_path, official_scheduler
+from diffusers_diffit import DiffiTPipeline, embedded_model_path, official_scheduler
 from diffusers_diffit.guidance import power_cosine_weight
 from diffusers_diffit.schedulers.compatibility import COMPATIBLE
-from tests.utils import TINY_TRANSFORMER, tiny_vae
+from tests.utils import named_model, tiny_vae
 
 
 def save_tiny_pipeline(folder, num_classes: int = 10) -> str:
     """A latent DiffiT (ε + learned-range variance) on 8×8 latents of a 1-channel VAE (16-px images), with the
     official DDPM scheduler and a saved guidance w = 1.5: a discrete digits pipeline when `num_classes` is 10."""
     torch.manual_seed(0)
-    transformer = DiffiTTransformer2DModel(**TINY_TRANSFORMER, num_classes=num_classes).eval()
+    transformer = named_model("tiny-transformer", num_classes=num_classes)
     vae = tiny_vae(channels=1)
     pipe = DiffiTPipeline(transformer, official_scheduler(), vae=vae, num_inference_steps=250, guidance_scale=1.5)
     pipe.save_pretrained(folder)

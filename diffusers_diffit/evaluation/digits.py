@@ -53,12 +53,14 @@ class DigitsJudge:
         }
 
 
-def sample_digit_ink(pipe, per_class: int, seed: int, **call_kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """`per_class` samples of every digit from a digits pipeline (pixel space, or latent with a VAE), one CPU
-    generator seeded with `seed` -> (ink [10·per_class, 8, 8], labels)."""
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+def sample_digit_ink(
+    pipe, per_class: int, seed: int, classes=range(NUM_CLASSES), **call_kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` samples of each of `classes` (default: every digit) from a digits pipeline (pixel space, or
+    latent with a VAE), one CPU generator seeded with `seed` -> (ink [len(classes)·per_class, 8, 8], labels)."""
+    labels = np.repeat(np.asarray(classes), per_class)
     images = pipe(
-        list(range(NUM_CLASSES)),
+        list(classes),
         num_images_per_label=per_class,
         generator=torch.Generator().manual_seed(seed),
         # pixel space: the raw final sample in [-1, 1]; latent: the decoded images, [0, 1] back to [-1, 1]

@@ -10,7 +10,7 @@ A DiffiT denoiser was trained for one of two parametrisations, recorded as the p
 A scheduler drives a denoiser only when it calls the model with the same timestep convention and reads its output
 the same way; any other pairing samples noise without an error. `check_scheduler` is the gate the pipeline applies
 when a scheduler is assigned and when it samples; `scheduler_support` gives the verdict for any scheduler class, and
-`compatibility_table` the README's table built from it.
+`compatibility_table` the table of docs/schedulers.md built from it.
 """
 
 import difflib
