@@ -6,7 +6,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from PIL import Image
 
 from diffusers_diffit import embedded_model_path
 from diffusers_diffit.embedded import EMBEDDED_MODELS
-from tests.utils import load_script
+from tests.utils import free_port, load_script
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,12 +160,6 @@ def test_push_creates_a_gradio_space_and_uploads_the_folder(builder, tmp_path, m
     assert create_kwargs["private"] is True and create_kwargs["exist_ok"] is True
     assert upload_kwargs["repo_type"] == "space" and upload_kwargs["repo_id"] == "me/diffit"
     assert Path(upload_kwargs["folder_path"]) == tmp_path / "space"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:

@@ -11,8 +11,8 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
-from benchmarks.space_load import BUSY, QueueWatcher, call_together, free_port
-from tests.utils import load_app, shipped_models
+from benchmarks.space_load import BUSY, QueueWatcher, call_together
+from tests.utils import load_app, served_demo
 
 
 QUEUE_SIZE = 3
@@ -25,20 +25,8 @@ def app():
 
 @pytest.fixture(scope="module")
 def server(app):
-    models = shipped_models(app)
-    demo = app.build_demo(models)
-    port = free_port()
-    app.launch(
-        demo,
-        queue_size=QUEUE_SIZE,
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        share=False,
-    )
-    yield demo, f"http://127.0.0.1:{port}/", models
-    demo.close()
+    with served_demo(app, queue_size=QUEUE_SIZE) as served:
+        yield served
 
 
 def test_six_callers_get_images_or_busy_and_none_is_lost(server):

@@ -10,7 +10,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import types
 from pathlib import Path
 
@@ -20,17 +19,11 @@ from gradio_client import Client
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from tests.utils import load_app, shipped_models
+from tests.utils import load_app, served_demo
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_MS = 120_000  # generous: the CI machine's two cores may be shared
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +33,8 @@ def app():
 
 @pytest.fixture(scope="module")
 def server(app):
-    models = shipped_models(app)
-    demo = app.build_demo(models)
-    port = free_port()
-    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
-    yield types.SimpleNamespace(
-        url=f"http://127.0.0.1:{port}/", pipe=models["digits"][0], latent=models["digits-latent"][0]
-    )
-    demo.close()
+    with served_demo(app) as (_, url, models):
+        yield types.SimpleNamespace(url=url, pipe=models["digits"][0], latent=models["digits-latent"][0])
 
 
 def chromium_path() -> str:

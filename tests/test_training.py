@@ -6,7 +6,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,15 @@ from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNe
 from diffusers_diffit.checkpointing import CheckpointManager
 from diffusers_diffit.losses import edm_loss
 from diffusers_diffit.pipelines import RECIPE_KEYS
-from tests.utils import EXAMPLES, ROOT, load_example, run_in_process, tiny_transformer, write_image_folder
+from tests.utils import (
+    EXAMPLES,
+    ROOT,
+    free_port,
+    load_example,
+    run_in_process,
+    tiny_transformer,
+    write_image_folder,
+)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -708,12 +715,6 @@ def test_sigterm_to_accelerate_launch_saves_a_checkpoint_then_resume_matches_an_
     assert expected.keys() == got.keys() and worst <= 1e-6, f"max |Δ| = {worst} (stopped at step {step})"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_cpu_processes_with_accelerate_launch(train_assets, tmp_path):
     out = tmp_path / "ddp"
@@ -731,7 +732,7 @@ def test_two_cpu_processes_with_accelerate_launch(train_assets, tmp_path):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(EXAMPLES / "train_diffit.py"),
         *map(
             str,

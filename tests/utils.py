@@ -1,6 +1,7 @@
 """Small helpers shared by the test modules: tiny models (the named configurations of diffusers_diffit.configs) and
 their inputs, tiny pipelines, image folders, loading and running the repository's scripts."""
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from benchmarks.space_load import free_port
 from diffusers_diffit import DiffiTPipeline, official_scheduler
 from diffusers_diffit.configs import model_config
 
@@ -203,6 +205,27 @@ def shipped_models(app):
         patch.delenv("DIFFIT_MODEL", raising=False)
         patch.setattr(app, "SPACE_CONFIG", app.HERE / "no-space-config.json")
         return app.load_pipelines()
+
+
+@contextlib.contextmanager
+def served_demo(app, **launch_kwargs):
+    """The Space of the shipped models, launched on a free 127.0.0.1 port: yields (demo, url, models)."""
+    models = shipped_models(app)
+    demo = app.build_demo(models)
+    port = free_port()
+    app.launch(
+        demo,
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        share=False,
+        **launch_kwargs,
+    )
+    try:
+        yield demo, f"http://127.0.0.1:{port}/", models
+    finally:
+        demo.close()
 
 
 def reset_accelerate():
