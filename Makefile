@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample lint docs format browser test test-other-kernels bench bench-cpu bench-quant gpu-check gpu-suite-smoke dist space demo digits-latent clean
+.PHONY: setup sample lint docs format browser test test-other-kernels bench bench-cpu bench-compile bench-quant gpu-check gpu-suite-smoke dist space demo digits-latent clean
 
 setup: $(VENV)/.installed
 
@@ -88,6 +88,11 @@ bench: setup
 # The CPU comparison of the README: fp32, 2 threads, batch 2, against the NVIDIA-like reference, paired rounds.
 bench-cpu: setup
 	$(PY) -m benchmarks.bench_transformer --device cpu --threads 2 --only ours --repeats 9
+
+# torch.compile on the CPU: cold compile time and steady-state speed of whole-model against regional compilation
+# (compile_repeated_blocks), with and without inductor's freezing, against eager; XL/2 at 256 px, paired rounds.
+bench-compile: setup
+	$(PY) -m benchmarks.compile_study --threads 2
 
 # Judged quality of digits-latent quantized (torchao int8, quanto int8), in bf16, with fp8 weight storage and with
 # group offloading to disk, against fp32 in the same run, 3 seeds (docs/performance.md).

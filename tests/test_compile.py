@@ -7,6 +7,8 @@ with the "aot_eager" backend (the same graphs, no C++), and the recompile checks
 runs them as traced.
 """
 
+import json
+
 import pytest
 import torch
 import torch._dynamo
@@ -141,3 +143,30 @@ def test_pipeline_loop_compiles_once_not_per_step(guidance_interval):
     assert first == (1 if guidance_interval is None else 2)
     pipe([3, 2], generator=torch.Generator().manual_seed(1), **kwargs)  # new labels and noise: nothing new to compile
     assert len(graphs) == first
+
+
+def test_compile_study_times_a_cold_regional_compile_against_eager(tmp_path, monkeypatch, capsys):
+    """benchmarks/compile_study.py end to end on the tiny transformer (inductor, a fresh process for the cold start):
+    one row per variant, the compiled output within 1e-5 of eager's, a cold compile that takes time."""
+    from benchmarks import compile_study
+
+    output = tmp_path / "compile.jsonl"
+    argv = ["compile_study", "--model", "tiny-transformer", "--threads", "1", "--rounds", "2", "--output", str(output)]
+    monkeypatch.setattr("sys.argv", [*argv, "--variants", "regional"])
+    compile_study.main()
+    rows = {row["variant"]: row for row in map(json.loads, output.read_text().splitlines())}
+    assert sorted(rows) == ["eager", "regional"]  # eager always runs: it is the baseline
+    assert rows["eager"]["ratio_to_eager"] == 1.0
+    assert rows["regional"]["max_abs_diff"] <= 1e-5
+    assert rows["regional"]["compile_s"] > rows["regional"]["steady_median_s"] > 0
+    assert "| regional |" in capsys.readouterr().out
+
+
+def test_compile_study_refuses_an_unknown_model_before_any_work(monkeypatch, capsys):
+    from benchmarks import compile_study
+
+    monkeypatch.setattr("sys.argv", ["compile_study", "--model", "DiffiT-XXL/2"])
+    with pytest.raises(SystemExit) as exit_:
+        compile_study.main()
+    assert exit_.value.code == 2
+    assert "'DiffiT-XXL/2' is not a named model configuration" in capsys.readouterr().err
