@@ -6,11 +6,10 @@ in one `ValueError`, so a model is never half-loaded.
 """
 
 import importlib
-import inspect
-import json
 import logging
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from accelerate import init_empty_weights
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from safetensors.torch import load_file
 
+from .file_checks import check_component_folder, check_safetensors_file, read_json_object
 from .models.embeddings import get_relative_position_index
 from .utils import resolve_dtype
 
@@ -46,10 +46,13 @@ _RENAMES = [
 _QKV = re.compile(r"^blocks\.(\d+)\.attn\.(qkv|qkv_temb)\.(weight|bias)$")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a local file (`.safetensors` first; `.pt/.pth/.bin` via `torch.load(weights_only=True)`), or download
-    `owner/repo/filename` from the Hub, and strip common training wrappers."""
-    path = Path(path)
+def read_checkpoint(checkpoint: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint, common training wrappers stripped: `checkpoint` is a state dict already, a
+    local file (`.safetensors`, checked whole first; `.pt/.pth/.bin/.ckpt` through `read_pickle`), or
+    `owner/repo/filename` downloaded from the Hub. A damaged file is a `ValueError` naming it and the fix."""
+    if isinstance(checkpoint, dict):
+        return unwrap_state_dict(checkpoint)
+    path = Path(checkpoint)
     if not path.is_file():
         parts = str(path).split("/")
         if len(parts) < 3 or str(path).startswith((".", "/")):
@@ -60,12 +63,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         path = Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
     if path.suffix == ".safetensors":
+        check_safetensors_file(path, "download it again (hf_hub_download(..., force_download=True)) or write it again")
         state_dict = load_file(path)
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = read_pickle(path)
     else:
         raise ValueError(f"Unsupported checkpoint format {path.suffix!r}: use .safetensors, .pt, .pth, .bin or .ckpt.")
     return unwrap_state_dict(state_dict)
+
+
+def read_pickle(path: Path) -> dict:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only. A pickle that holds anything else
+    (a custom class, an `argparse.Namespace` of training arguments...) is refused with a `ValueError`, since
+    unpickling it could run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))  # torch names the first object it refused
+        holds = found.group(1) if found else "objects"
+        raise ValueError(
+            f"Refused to load {path}: it holds {holds} besides tensors, and unpickling that could run code. Convert "
+            "it to safetensors, or, if you trust the file, load it yourself (torch.load(path, weights_only=False)) "
+            "and pass the result instead of the path."
+        ) from None
 
 
 def unwrap_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -166,11 +186,12 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: dict) -> dic
     return converted
 
 
-def load_official_transformer(model_cls, path: str | os.PathLike, **config_overrides):
-    """Build `model_cls` from an official checkpoint; strict: one error lists every key that does not fit."""
+def load_official_transformer(model_cls, checkpoint: str | os.PathLike | dict, **config_overrides):
+    """Build `model_cls` from an official checkpoint (a file or its state dict, `read_checkpoint`); strict: one error
+    lists every key that does not fit."""
     dtype = resolve_dtype(config_overrides.pop("dtype", None), config_overrides.pop("torch_dtype", None))
     dtype = dtype or torch.float32
-    official = read_checkpoint(path)
+    official = read_checkpoint(checkpoint)
     config = {**infer_config(official), **config_overrides}
     state_dict = convert_state_dict(official, config)
 
@@ -186,8 +207,9 @@ def load_official_transformer(model_cls, path: str | os.PathLike, **config_overr
     )
     if missing or unexpected or mis_shaped:
         report = [("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)]
+        source = "the state dict" if isinstance(checkpoint, dict) else repr(os.fspath(checkpoint))
         raise ValueError(
-            f"Cannot load {os.fspath(path)!r} into {model_cls.__name__}({config}):\n"
+            f"Cannot load {source} into {model_cls.__name__}({config}):\n"
             + "\n".join(f"  {name} ({len(keys)}): {keys}" for name, keys in report if keys)
         )
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}, assign=True)
@@ -199,13 +221,13 @@ def load_official_transformer(model_cls, path: str | os.PathLike, **config_overr
 
 
 def check_pipeline_folder(folder: str | os.PathLike) -> None:
-    """Raise `ValueError` naming the file and the fix when a pipeline folder is damaged: model_index.json or a
-    component's config missing or not JSON, a component folder listed in model_index.json missing, a config entry of
-    the wrong type for its class (e.g. `"num_layers": "28"`), or a truncated safetensors file. Reads only JSON and the
-    safetensors headers."""
+    """Raise `ValueError` naming the file and the fix when a pipeline folder is damaged: model_index.json missing or
+    not JSON, a component folder listed in model_index.json missing, or a component folder that fails
+    `check_component_folder` (a config not JSON, a config entry of the wrong type for its class such as
+    `"num_layers": "28"`, a truncated safetensors file). Reads only JSON and the safetensors headers."""
     folder = Path(folder)
     fix = "download the pipeline again (snapshot_download(..., force_download=True)) or save it again"
-    index = _read_json(folder / "model_index.json", fix)
+    index = read_json_object(folder / "model_index.json", fix)
     for name, entry in index.items():
         is_component = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
         if name.startswith("_") or not is_component:  # a config value, or an optional component left out
@@ -216,23 +238,7 @@ def check_pipeline_folder(folder: str | os.PathLike) -> None:
                 f"{folder / 'model_index.json'} lists the component {name!r} ({entry[1]}), but the folder {component} "
                 f"is missing: {fix}."
             )
-        configs = [path for path in (component / "config.json", component / "scheduler_config.json") if path.is_file()]
-        for path in configs:
-            _check_config_types(path, _component_class(entry), fix)
-        for path in sorted(component.glob("*.safetensors")):
-            _check_safetensors(path, fix)
-
-
-def _read_json(path: Path, fix: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: {fix}.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): {fix}.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}: {fix}.")
-    return data
+        check_component_folder(component, _component_class(entry), fix)
 
 
 def _component_class(entry: list) -> type | None:
@@ -245,52 +251,3 @@ def _component_class(entry: list) -> type | None:
         if hasattr(module, entry[1]):
             return getattr(module, entry[1])
     return None
-
-
-def _check_config_types(path: Path, cls: type | None, fix: str) -> None:
-    """Each config entry against the JSON type of its class's default (int, float, str, bool, list)."""
-    config = _read_json(path, fix)
-    if cls is None:
-        return
-    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
-    for key, value in config.items():
-        default = defaults.get(key, inspect.Parameter.empty)
-        if key.startswith("_") or default in (inspect.Parameter.empty, None) or value is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
-        elif isinstance(default, (list, tuple)):
-            ok = isinstance(value, list)
-        else:
-            continue
-        if not ok:
-            raise ValueError(
-                f"{path}: {key!r} is {value!r} ({type(value).__name__}); {cls.__name__} expects type "
-                f"{'list' if isinstance(default, (list, tuple)) else type(default).__name__} (like {default!r}). "
-                f"Correct it in the file, or {fix}."
-            )
-
-
-def _check_safetensors(path: Path, fix: str) -> None:
-    """A safetensors file holds an 8-byte header length, the JSON header, then the tensor bytes the header places."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        head = file.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else None
-        if length is None or 8 + length > size:
-            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes, no whole header): {fix}.")
-        try:
-            header = json.loads(file.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path} has a damaged safetensors header: {fix}.") from None
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if 8 + length + end > size:
-        raise ValueError(
-            f"{path} is truncated: {size} bytes, its header places tensors up to byte {8 + length + end}: {fix}."
-        )

@@ -256,14 +256,15 @@ class DiffiTPipeline(DiffusionPipeline, DiffiTLoraLoaderMixin):
     @classmethod
     def from_single_file(
         cls,
-        pretrained_model_link_or_path: str | os.PathLike,
+        pretrained_model_link_or_path: str | os.PathLike | dict,
         vae: str | os.PathLike | AutoencoderKL = "stabilityai/sd-vae-ft-ema",
         image_size: int | None = None,
         torch_dtype: torch.dtype | None = None,
         dtype: torch.dtype | None = None,
     ) -> "DiffiTPipeline":
-        """A pipeline around one of NVIDIA's released checkpoints, with the official scheduler and the recipe of
-        its resolution (`OFFICIAL_RECIPES`) as defaults, and the ImageNet names for 1000-class models.
+        """A pipeline around one of NVIDIA's released checkpoints (a file or its state dict, as for
+        `DiffiTTransformer2DModel.from_single_file`), with the official scheduler and the recipe of its resolution
+        (`OFFICIAL_RECIPES`) as defaults, and the ImageNet names for 1000-class models.
 
         `image_size` (256 or 512) picks the recipe; by default it is the checkpoint's latent side × the VAE's
         downsampling factor, and it must agree with it when that is an official resolution. `dtype` and

@@ -1,7 +1,9 @@
 """DiffiTModelMixin: what both DiffiT models share on top of diffusers' `ModelMixin`."""
 
 import contextlib
+import os
 
+from ..file_checks import check_component_folder
 from .attention import DiffiTAttention
 from .attention_backends import check_attention_backend
 from .attention_processor import DiffiTAttnProcessor, DiffiTInferenceAttnProcessor, clear_derived_tensors
@@ -14,10 +16,21 @@ class DiffiTModelMixin:
       (`.to()`, `.cuda()`, `.half()` …) checks a backend that was set again; forwards do not check it again. A
       model moved where its backend cannot run raises a `ValueError` (the move itself has happened): pick a backend
       that runs on both devices ('native' runs everywhere) before moving it, e.g. for `enable_model_cpu_offload`.
+    - `from_pretrained` checks a local folder before diffusers builds anything from it (`check_component_folder`): a
+      truncated safetensors file or a config.json entry of the wrong type is a `ValueError` naming the file and the
+      fix.
     - `inference_cache()`: a block in which the attention modules that use the plain `DiffiTAttnProcessor` use
       `DiffiTInferenceAttnProcessor` instead, which computes tensors derived from the weights alone (gathered bias,
       packed CPU weights) once and reuses them; they are also dropped on every move and every `train()` / `eval()`.
     """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """`ModelMixin.from_pretrained`, a local folder checked first (`check_component_folder`)."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            check_component_folder(folder, cls, "download the model again (force_download=True) or save it again")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @contextlib.contextmanager
     def inference_cache(self):

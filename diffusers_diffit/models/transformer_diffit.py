@@ -183,8 +183,11 @@ class DiffiTTransformer2DModel(
         super().enable_cache(config)
 
     @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, **config_overrides):
-        """Load one of NVIDIA's released checkpoints (official key layout, `.safetensors` or `.pt/.pth`).
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike | dict, **config_overrides):
+        """Load one of NVIDIA's released checkpoints (official key layout, `.safetensors` or `.pt/.pth`, local or
+        `owner/repo/filename` on the Hub), or its state dict. A truncated safetensors file is a `ValueError`; so is a
+        pickle that holds anything besides tensors (`torch.load(weights_only=True)` refuses it: unpickling it could
+        run code): convert it to safetensors, or load it yourself if you trust it and pass the result.
 
         The configuration is inferred from the tensor shapes; `config_overrides` (e.g. `class_dropout_prob=0.0`)
         replace inferred values and are checked against the tensors. `torch_dtype=` casts after loading.
