@@ -46,6 +46,10 @@ _RENAMES = [
 _QKV = re.compile(r"^blocks\.(\d+)\.attn\.(qkv|qkv_temb)\.(weight|bias)$")
 
 
+# what to do about a damaged checkpoint file
+REWRITE_FIX = "download it again (hf_hub_download(..., force_download=True)) or write it again"
+
+
 def read_checkpoint(checkpoint: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     """The state dict of a checkpoint, common training wrappers stripped: `checkpoint` is a state dict already, a
     local file (`.safetensors`, checked whole first; `.pt/.pth/.bin/.ckpt` through `read_pickle`), or
@@ -63,7 +67,7 @@ def read_checkpoint(checkpoint: str | os.PathLike | dict) -> dict[str, torch.Ten
 
         path = Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
     if path.suffix == ".safetensors":
-        check_safetensors_file(path, "download it again (hf_hub_download(..., force_download=True)) or write it again")
+        check_safetensors_file(path, REWRITE_FIX)
         state_dict = load_file(path)
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         state_dict = read_pickle(path)
@@ -75,9 +79,12 @@ def read_checkpoint(checkpoint: str | os.PathLike | dict) -> dict[str, torch.Ten
 def read_pickle(path: Path) -> dict:
     """`torch.load(path, weights_only=True)`: tensors and plain containers only. A pickle that holds anything else
     (a custom class, an `argparse.Namespace` of training arguments...) is refused with a `ValueError`, since
-    unpickling it could run code."""
+    unpickling it could run code; a truncated or empty file is a `ValueError` naming it too."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as error:  # what torch's zip reader and unpickler raise on a cut file
+        reason = str(error).split(". ")[0] or type(error).__name__
+        raise ValueError(f"{path} is truncated or not a PyTorch checkpoint ({reason}): {REWRITE_FIX}.") from None
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))  # torch names the first object it refused
         holds = found.group(1) if found else "objects"

@@ -140,6 +140,17 @@ def test_from_single_file_names_a_truncated_file_and_the_fix(tmp_path):
         DiffiTTransformer2DModel.from_single_file(path)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["cut", "empty"])
+def test_truncated_pickle_checkpoint_names_the_file_and_the_fix(keep, tmp_path):
+    path = tmp_path / "diffit.pt"
+    torch.save(official_layout_checkpoint(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    fix = r"download it again \(hf_hub_download\(\.\.\., force_download=True\)\) or write it again\.$"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is truncated or not a PyTorch checkpoint .*{fix}"):
+        DiffiTTransformer2DModel.from_single_file(path)
+
+
 class RunsCode:
     """Unpickling it makes a folder: what a malicious checkpoint could do."""
 
