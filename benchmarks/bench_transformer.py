@@ -13,13 +13,22 @@ ratio to the NVIDIA-like reference of the same round, with the interquartile ran
     python -m benchmarks.bench_transformer                       # CPU fp32 (GPU: bf16 and fp16 too), 256 and 512 px
     python -m benchmarks.bench_transformer --resolutions 256 --repeats 5
     python -m benchmarks.bench_transformer --device cpu --threads 2 --only ours --repeats 9   # the CPU comparison
+    python -m benchmarks.bench_transformer --device cpu --threads 2 --only ours --resolutions 256 \
+        --quantization bf16 torchao-int8-weight-only torchao-int8-dynamic quanto-int8 fp8-storage
+
+`--quantization` (CPU) adds this package's model saved and loaded back through diffusers' own API as
+benchmarks/quant_study.py loads it for its judged quality (`torch_dtype`, `TorchAoConfig`, `QuantoConfig`, fp8
+layerwise casting, group offloading to disk), each inside `inference_cache()` as `DiffiTPipeline` runs it; the
+weights column sums the bytes of their parameters and buffers (of the int8 data and scales inside a quantized one).
 """
 
 import argparse
 import contextlib
 import ctypes
+import itertools
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +36,10 @@ import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from benchmarks.quant_study import VARIANTS as QUANTIZATIONS
+from benchmarks.quant_study import prepare, transformer_kwargs
 from benchmarks.reference_diffit import Attention, ReferenceDiffiT
 from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
 from diffusers_diffit.loading import convert_state_dict, infer_config
@@ -118,10 +130,43 @@ def gemm_floor(model: nn.Module, run_model, device, dtype, onednn: bool = False)
     return replay
 
 
-INFERENCE_CACHES = contextlib.ExitStack()
+INFERENCE_CACHES = contextlib.ExitStack()  # what stays open for the whole run
 
 
-def build(resolution: int, device, dtype, batch: int, only_ours: bool = False):
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; a quantized tensor subclass (torchao, quanto) is the sum of the tensors inside it."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
+
+
+def quantized(official: dict, variants: list[str], x, t, y, footprints: dict) -> dict:
+    """This package's model saved once and loaded back as each of `variants` (benchmarks/quant_study.py)."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        model = DiffiTTransformer2DModel(**infer_config(official))
+        model.load_state_dict(convert_state_dict(official, dict(model.config)))
+        model.save_pretrained(folder)
+        del model
+        for variant in variants:
+            kwargs = transformer_kwargs(variant)
+            model = DiffiTTransformer2DModel.from_pretrained(folder, **kwargs).eval()
+            prepare(model, variant, INFERENCE_CACHES.enter_context(tempfile.TemporaryDirectory()))
+            INFERENCE_CACHES.enter_context(model.inference_cache())
+            name = f"DiffiT, {variant}"
+            footprints[name] = weight_bytes(model)
+            inputs = (x.to(kwargs.get("torch_dtype", x.dtype)), t, y)
+            runs[name] = (lambda: None, lambda model=model, inputs=inputs: model(*inputs))
+    return runs
+
+
+def build(resolution: int, device, dtype, batch: int, footprints: dict, only_ours: bool = False, quantization=()):
+    """The variants to time, each (setup, run); `footprints` receives the weight bytes of this package's models."""
     config = DIFFIT_CONFIGS[f"DiffiT-XL/2-{resolution}"]
     side = config["sample_size"]
     reference = ReferenceDiffiT(input_size=side).to(device, dtype).eval()
@@ -158,6 +203,8 @@ def build(resolution: int, device, dtype, batch: int, only_ours: bool = False):
     naive = attention_as(reference, Attention)
     variants["reference, naive (benchmarks/reference_diffit.py)"] = (naive, lambda: reference(x, t, y))
     variants["DiffiT fused QKV, native"] = ours(fused, "native")
+    footprints["DiffiT fused QKV, native"] = weight_bytes(fused)
+    variants.update(quantized(official, quantization, x, t, y, footprints))
     if only_ours:  # (one model of ours: the machine may be short of memory)
         return variants
     variants["DiffiT unfused, native"] = ours(diffit, "native")
@@ -173,8 +220,9 @@ def build(resolution: int, device, dtype, batch: int, only_ours: bool = False):
 
 
 @torch.no_grad()
-def bench(resolution, device, dtype, batch, repeats, only_ours=False):
-    variants = build(resolution, device, dtype, batch, only_ours)
+def bench(resolution, device, dtype, batch, repeats, only_ours=False, quantization=()):
+    footprints = {}
+    variants = build(resolution, device, dtype, batch, footprints, only_ours, quantization)
     times = {name: [] for name in variants}
     memory = {}
     for name, (setup, run) in variants.items():  # warm-up (twice: first touch of fresh weights) + memory
@@ -201,15 +249,16 @@ def bench(resolution, device, dtype, batch, repeats, only_ours=False):
     )
     print(
         "| variant | latency (ms, median) | × NVIDIA-like (median of paired ratios) | ratio IQR | "
-        "F.linear GEMM floor / latency | peak memory (MiB) |"
+        "F.linear GEMM floor / latency | peak memory (MiB) | weights (MiB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in variants:
         q1, _, q3 = statistics.quantiles(ratios[name], n=4) if repeats > 1 else (ratios[name][0],) * 3
         share = f"{floor / median[name]:.1%}" if floor else "–"
+        weights = f"{footprints[name] / 2**20:.0f}" if name in footprints else "–"
         print(
             f"| {name} | {median[name] * 1e3:.1f} | {statistics.median(ratios[name]):.3f} | {q1:.3f}–{q3:.3f} | "
-            f"{share} | {memory[name] / 2**20:.0f} |"
+            f"{share} | {memory[name] / 2**20:.0f} | {weights} |"
         )
     sys.stdout.flush()
 
@@ -227,18 +276,27 @@ def main():
         default="all",
         help="'ours': only the two references and this package's default variants (quicker)",
     )
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=[],
+        choices=[v for v in QUANTIZATIONS if v != "fp32"],
+        help="CPU: add this package's model loaded with these quantizations / dtypes (benchmarks/quant_study.py)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.quantization and device.type != "cpu":
+        parser.error(f"--quantization runs on the CPU; got --device {args.device}")
     dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float16]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, default attention backend "
         f"{_AttentionBackendRegistry.get_active_backend()[0].value}"
     )
-    for resolution in args.resolutions:
-        for dtype in dtypes:
-            bench(resolution, device, dtype, args.batch_size, args.repeats, only_ours=args.only == "ours")
+    with INFERENCE_CACHES:  # closed at the end: the inference caches, the group-offload folders
+        for resolution, dtype in itertools.product(args.resolutions, dtypes):
+            bench(resolution, device, dtype, args.batch_size, args.repeats, args.only == "ours", args.quantization)
 
 
 if __name__ == "__main__":

@@ -29,38 +29,45 @@ from diffusers_diffit.evaluation.digits import DigitsJudge, sample_digit_ink
 HERE = Path(__file__).resolve().parent
 
 
-def torchao(config_name: str) -> PipelineQuantizationConfig:
-    from torchao import quantization
+def transformer_kwargs(variant: str) -> dict:
+    """The `from_pretrained` keyword arguments (quantization config, dtype) of the transformer of `variant`."""
+    if variant == "bf16":
+        return dict(torch_dtype=torch.bfloat16)
+    if variant.startswith("torchao-"):
+        from torchao import quantization
 
-    return PipelineQuantizationConfig(
-        quant_mapping={"transformer": TorchAoConfig(getattr(quantization, config_name)())}
-    )
+        name = {
+            "torchao-int8-weight-only": "Int8WeightOnlyConfig",
+            "torchao-int8-dynamic": "Int8DynamicActivationInt8WeightConfig",
+        }[variant]
+        return dict(quantization_config=TorchAoConfig(getattr(quantization, name)()), torch_dtype=torch.bfloat16)
+    if variant == "quanto-int8":
+        return dict(quantization_config=QuantoConfig("int8"))
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` {variant!r} is not one of {VARIANTS}.")
+    return {}
+
+
+def prepare(transformer, variant: str, workdir: str) -> None:
+    """What `variant` does to a loaded float32 transformer: fp8 weight storage or group offloading to disk."""
+    if variant == "fp8-storage":
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    elif variant == "group-offload-disk":
+        transformer.enable_group_offload(
+            torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1, offload_to_disk_path=workdir
+        )
 
 
 def load(variant: str, path: str, workdir: str) -> DiffiTPipeline:
-    if variant == "fp32":
-        return DiffiTPipeline.from_pretrained(path)
-    if variant == "bf16":
-        return DiffiTPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
-    if variant == "torchao-int8-weight-only":
-        return DiffiTPipeline.from_pretrained(
-            path, quantization_config=torchao("Int8WeightOnlyConfig"), torch_dtype=torch.bfloat16
+    """The pipeline at `path` with its transformer as `variant` makes it; a quantization config goes through
+    `PipelineQuantizationConfig(quant_mapping={"transformer": ...})`, a dtype applies to the whole pipeline."""
+    kwargs = transformer_kwargs(variant)
+    if "quantization_config" in kwargs:
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_mapping={"transformer": kwargs["quantization_config"]}
         )
-    if variant == "torchao-int8-dynamic":
-        config = torchao("Int8DynamicActivationInt8WeightConfig")
-        return DiffiTPipeline.from_pretrained(path, quantization_config=config, torch_dtype=torch.bfloat16)
-    if variant == "quanto-int8":
-        config = PipelineQuantizationConfig(quant_mapping={"transformer": QuantoConfig("int8")})
-        return DiffiTPipeline.from_pretrained(path, quantization_config=config)
-    pipe = DiffiTPipeline.from_pretrained(path)
-    if variant == "fp8-storage":
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    elif variant == "group-offload-disk":
-        pipe.transformer.enable_group_offload(
-            torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1, offload_to_disk_path=workdir
-        )
-    else:
-        raise ValueError(f"`variant` {variant!r} is not one of {VARIANTS}.")
+    pipe = DiffiTPipeline.from_pretrained(path, **kwargs)
+    prepare(pipe.transformer, variant, workdir)
     return pipe
 
 
