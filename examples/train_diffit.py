@@ -154,7 +154,8 @@ def parse_args(argv=None):
         "--lora_layers",
         default="to_q,to_k,to_v,to_out",
         help="Comma-separated module names the adapter wraps (default: TMSA's spatial q/k/v/out; the time-token "
-        "projections are to_q_time,to_k_time,to_v_time; see diffusers_diffit/loaders/lora_diffit.py).",
+        "projections are to_q_time,to_k_time,to_v_time, the MLP ff.net.0.proj,ff.net.2, the timestep embedder "
+        "linear_1,linear_2, the output proj_out; see diffusers_diffit/loaders/lora_diffit.py).",
     )
     data = p.add_argument_group("data")
     data.add_argument("--train_data_dir", help="ImageFolder: one sub-folder per class, sorted names -> label ids.")

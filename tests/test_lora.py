@@ -20,6 +20,9 @@ from tests.utils import make_pipe, tiny_transformer, tiny_unet, transformer_inpu
 
 
 SPATIAL = ["to_q", "to_k", "to_v", "to_out"]
+# every linear layer of the transformer: the adapter measured on digits-latent (docs/digits-benchmarks.md)
+ALL_LINEAR = SPATIAL + ["to_q_time", "to_k_time", "to_v_time", "ff.net.0.proj", "ff.net.2", "proj_out"]
+ALL_LINEAR += ["linear_1", "linear_2"]
 RANK, ALPHA = 4, 8
 
 
@@ -85,9 +88,20 @@ def test_unet_takes_adapters_and_the_runtime_scale():
     torch.testing.assert_close(model(x, t, attention_kwargs={"scale": 0.5}).sample, expected)
 
 
+def test_all_linear_targets_wrap_every_linear_layer():
+    model = add_random_lora(tiny_transformer(), target_modules=ALL_LINEAR)
+    plain = [
+        n
+        for n, m in model.named_modules()
+        if type(m) is torch.nn.Linear and ".lora_" not in n and not n.endswith(".base_layer")
+    ]
+    assert plain == [], f"linear layers without an adapter: {plain}"
+
+
 @torch.no_grad()
-def test_pipeline_save_load_fuse_unfuse_unload_round_trip(tmp_path):
-    trained = add_random_lora(tiny_transformer())
+@pytest.mark.parametrize("targets", [SPATIAL, ALL_LINEAR], ids=["spatial", "all-linear"])
+def test_pipeline_save_load_fuse_unfuse_unload_round_trip(tmp_path, targets):
+    trained = add_random_lora(tiny_transformer(), target_modules=targets)
     pipe = make_pipe(tiny_transformer())
     folder = saved_adapter(tmp_path, type(pipe), trained)
     keys = load_file(folder / "pytorch_lora_weights.safetensors")
@@ -104,7 +118,8 @@ def test_pipeline_save_load_fuse_unfuse_unload_round_trip(tmp_path):
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
-    torch.testing.assert_close(forward(pipe.transformer, inputs), base, rtol=1e-6, atol=1e-6)
+    # W + ΔW - ΔW in float32: rounding grows with the adapted layers (all linear: 3e-6 measured)
+    torch.testing.assert_close(forward(pipe.transformer, inputs), base, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
