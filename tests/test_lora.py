@@ -8,13 +8,17 @@ against the hand-merged copy use tolerances.
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from benchmarks.lora_study import do, main, undo
+from diffusers_diffit.data.digits import model_to_ink, write_digits_folder
 from diffusers_diffit.finetuning import class_rows_state_dict, resize_class_embedding, train_class_rows
 from tests.utils import make_pipe, tiny_transformer, tiny_unet, transformer_inputs
 
@@ -237,3 +241,21 @@ def test_a_new_class_finetune_may_not_overwrite_the_null_class(tmp_path):
     }
     with pytest.raises(ValueError, match=r"class_row_ids.*\[6\] would overwrite the null class"):
         pipe.load_lora_weights(rows)
+
+
+@pytest.mark.parametrize("transform", ["rot90", "rot180"])
+def test_style_study_rotates_images_as_it_undoes_ink(tmp_path, transform):
+    """benchmarks/lora_study judges samples by undoing the transform on 8×8 ink: rotating the 32-px training images
+    (`prepare`) must be the same rotation of their ink, or a perfect fine-tune would score as a poor one."""
+    write_digits_folder(tmp_path / "upright", size=32)
+    main(["prepare", str(tmp_path / "upright"), str(tmp_path / "turned"), "--transform", transform])
+    paths = sorted((tmp_path / "upright").glob("[37]/*.png"))[:20]  # 3 and 7: no symmetry that hides a wrong turn
+
+    def ink(root):
+        levels = np.stack([np.array(Image.open(root / p.parent.name / p.name)) for p in paths])
+        return model_to_ink(torch.from_numpy(levels / 65535 * 2 - 1)[:, None])
+
+    upright, turned = ink(tmp_path / "upright"), ink(tmp_path / "turned")
+    np.testing.assert_allclose(turned, do(transform, upright), atol=1e-4)
+    np.testing.assert_allclose(undo(transform, turned), upright, atol=1e-4)
+    assert not np.allclose(turned, upright, atol=0.05)
