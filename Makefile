@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup sample lint docs format browser test test-other-kernels bench bench-cpu bench-compile bench-quant gpu-check gpu-suite-smoke dist space demo digits-latent clean
+.PHONY: setup sample lint docs format browser test test-other-kernels bench bench-cpu bench-compile bench-precision bench-quant gpu-check gpu-suite-smoke dist space demo digits-latent clean
 
 setup: $(VENV)/.installed
 
@@ -94,7 +94,12 @@ bench-cpu: setup
 bench-compile: setup
 	$(PY) -m benchmarks.compile_study --threads 2
 
-# Judged quality of digits-latent quantized (torchao int8, quanto int8), in bf16, with fp8 weight storage and with
+# Where the CPU's time goes per precision: each precision's GEMM kernels on XL/2's linear calls, and whole forwards
+# of float32 (eager, regional compile) against int8 through PT2E + inductor (docs/performance.md).
+bench-precision: setup
+	$(PY) -m benchmarks.precision_study --threads 2 --repeats 5
+
+# Judged quality of digits-latent quantized (torchao int8, quanto int8, int8 through PT2E), in bf16, with fp8 weight storage and with
 # group offloading to disk, against fp32 in the same run, 3 seeds (docs/performance.md).
 bench-quant: setup
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.quant_study --seeds 0 1 2

@@ -101,19 +101,27 @@ def peak_memory(fn, device) -> float:
     return status("VmHWM:") - base
 
 
-def gemm_floor(model: nn.Module, run_model, device, dtype, onednn: bool = False):
-    """Record every nn.Linear call's (input rows, weight) during one forward; return a function replaying them
-    through `F.linear`, or with `onednn` through oneDNN with weights packed beforehand (CPU float32)."""
-    shapes = []
+def record_linears(model: nn.Module, run_model) -> list[tuple[int, nn.Linear]]:
+    """Every nn.Linear call of `run_model()` in order, as (input rows, layer)."""
+    calls = []
     hooks = [
-        m.register_forward_hook(lambda m, args, out: shapes.append((args[0].numel() // m.in_features, m)))
+        m.register_forward_hook(lambda m, args, out: calls.append((args[0].numel() // m.in_features, m)))
         for m in model.modules()
         if isinstance(m, nn.Linear)
     ]
-    run_model()
-    for h in hooks:
-        h.remove()
-    inputs = [(torch.randn(rows, m.in_features, device=device, dtype=dtype), m.weight, m.bias) for rows, m in shapes]
+    try:
+        run_model()
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def gemm_floor(model: nn.Module, run_model, device, dtype, onednn: bool = False):
+    """A function replaying every nn.Linear call of `run_model()` (`record_linears`) through `F.linear`, or with
+    `onednn` through oneDNN with weights packed beforehand (CPU float32)."""
+    calls = record_linears(model, run_model)
+    inputs = [(torch.randn(rows, m.in_features, device=device, dtype=dtype), m.weight, m.bias) for rows, m in calls]
     if onednn:
         inputs = [(x, torch.ops.mkldnn._reorder_linear_weight(w.detach()), b) for x, w, b in inputs]
 

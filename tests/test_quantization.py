@@ -145,3 +145,19 @@ def test_block_level_group_offload_to_disk_restores_the_weights(saved, tmp_path)
         with torch.no_grad():  # as `expected` was computed (no inference cache: the same kernels)
             assert torch.equal(model(*inputs).sample, expected)
     assert any(tmp_path.glob("*.safetensors"))
+
+
+@requires_torchao
+def test_int8_pt2e_path_is_close_to_fp32_at_any_batch_size(saved):
+    """benchmarks/quant_study.int8_dynamic_pt2e (the int8 path faster than float32 on x86 CPUs): exported with a
+    dynamic batch, quantized and compiled once, it must serve other batch sizes and stay within int8's 5 % (7-bit
+    activations where the CPU lacks VNNI, the default)."""
+    from benchmarks.quant_study import int8_dynamic_pt2e
+
+    path, (x, t, y), expected = saved
+    model = DiffiTTransformer2DModel.from_pretrained(path).eval()
+    int8_dynamic_pt2e(model)
+    with torch.no_grad():
+        for batch in (len(x), 1):
+            out = model(x[:batch], t[:batch], class_labels=y[:batch], return_dict=False)[0]
+            assert 0 < relative_error(out, expected[:batch]) <= 0.05, batch
