@@ -6,14 +6,14 @@ Two parts, one run (DiffiT-XL/2, 256 px, batch 2, the reference's random weights
    each precision's CPU kernel, with inputs of the recorded shapes: float32 through oneDNN with packed weights (what
    `inference_cache()` runs); bfloat16 through `F.linear`; int8 weights with bfloat16 activations through
    `_weight_int8pack_mm` (torchao's int8 weight-only kernel on the CPU); int8 dynamic quantization through oneDNN's
-   `qlinear_pointwise` (what `int8_dynamic_pt2e` compiles to), activations quantized per tensor at run time, with
+   `qlinear_pointwise` (what `compile_int8_dynamic` compiles to), activations quantized per tensor at run time, with
    8-bit and with 7-bit activations. (torchao's int8 dynamic path on the CPU, `torch._int_mm`, is left out: on CPUs
    without VNNI it runs a reference loop, about 60× slower than float32 here; bench_transformer times it whole.)
    Each row: time, GFLOP/s, speed against float32 and the relative RMS error of the outputs against float32's.
    The last column bounds the whole forward (Amdahl): with the linear layers taking share s of the float32
    forward, a kernel g times faster makes the forward at most 1 / ((1 − s) + s / g) times faster.
 2. **Whole forwards**, timed round-robin and paired against float32 eager (`inference_cache()`, this package's CPU
-   path): float32 with `compile_repeated_blocks` (the compiler's gains alone) and `int8_dynamic_pt2e` (int8 dynamic
+   path): float32 with `compile_repeated_blocks` (the compiler's gains alone) and `compile_int8_dynamic` (int8 dynamic
    quantization through PyTorch 2 export and inductor, 7-bit activations where the CPU lacks VNNI); compile times in
    this process, relative RMS error of the output against float32.
 
@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from benchmarks.bench_transformer import record_linears
-from benchmarks.quant_study import has_vnni, int8_dynamic_pt2e
 from benchmarks.reference_diffit import ReferenceDiffiT
-from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel
+from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel, compile_int8_dynamic
 from diffusers_diffit.loading import convert_state_dict, infer_config
+from diffusers_diffit.quantization import has_vnni
 
 
 def median_time(fn, repeats: int) -> float:
@@ -152,11 +152,9 @@ def main(argv=None) -> None:
         int8 = DiffiTTransformer2DModel.from_config(model.config).eval()
         int8.load_state_dict(model.state_dict())
         start = time.perf_counter()
-        int8_dynamic_pt2e(int8)
-        compile_seconds["int8 dynamic, int8_dynamic_pt2e"] = time.perf_counter() - start  # export + convert
-        variants["int8 dynamic, int8_dynamic_pt2e"] = lambda: int8(
-            *inputs[:2], class_labels=inputs[2], return_dict=False
-        )[0]
+        compile_int8_dynamic(int8)
+        compile_seconds["int8 dynamic, compile_int8_dynamic"] = time.perf_counter() - start  # export + convert
+        variants["int8 dynamic, compile_int8_dynamic"] = lambda: int8(*inputs).sample
 
         outputs = {}
         for name, run in variants.items():  # first calls: compile (timed) and warm-up

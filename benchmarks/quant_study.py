@@ -6,8 +6,8 @@ torchao int8 weight-only and int8 dynamic-activation through `PipelineQuantizati
 bfloat16); quanto int8 weights (`QuantoConfig`, float32 activations); fp8 (e4m3) weight storage with float32 compute
 (`enable_layerwise_casting`); block-level group offloading to disk (`enable_group_offload(offload_to_disk_path=...)`,
 onload device CPU); and int8 dynamic quantization through PyTorch 2 export and inductor (`pt2e-int8-dynamic`,
-`int8_dynamic_pt2e`: oneDNN's int8 kernels, the int8 path that is faster than float32 on x86 CPUs; see
-benchmarks/precision_study.py). Every variant samples the pipeline's saved recipe with the same labels and initial noise per
+`diffusers_diffit.compile_int8_dynamic`: oneDNN's int8 kernels, the int8 path that is faster than float32 on x86
+CPUs; see benchmarks/precision_study.py). Every variant samples the pipeline's saved recipe with the same labels and initial noise per
 seed and is scored by the digits judge (`diffusers_diffit.evaluation.digits`): accuracy, FD on MLP and PCA features.
 
     python -m benchmarks.quant_study --seeds 0 1 2 --results benchmarks/results/quant_digits_latent.jsonl
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import PipelineQuantizationConfig, QuantoConfig, TorchAoConfig
 
-from diffusers_diffit import DiffiTPipeline, embedded_model_path
+from diffusers_diffit import DiffiTPipeline, compile_int8_dynamic, embedded_model_path
 from diffusers_diffit.data.digits import digits_split
 from diffusers_diffit.evaluation.digits import DigitsJudge, sample_digit_ink
 
@@ -50,54 +50,11 @@ def transformer_kwargs(variant: str) -> dict:
     return {}
 
 
-def has_vnni() -> bool:
-    """Whether this CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI, AVX-VNNI or AMX). Without it,
-    oneDNN's u8·s8 kernels add pairs of products in saturating int16, and full-range activations overflow."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def int8_dynamic_pt2e(transformer, reduce_range: bool | None = None):
-    """Quantize `transformer`'s linear layers to int8 (per-channel weights, per-tensor activations quantized at run
-    time) through PyTorch 2 export and torchao's X86InductorQuantizer, compiled by inductor with freezing: oneDNN's
-    int8 GEMMs on x86 CPUs. The transformer keeps its config and its float32 weights; its forward becomes the
-    compiled graph (any batch size, compiled at its first call), which is returned. `reduce_range` (7-bit
-    activations) defaults to on where the CPU lacks VNNI (`has_vnni`), where 8-bit ones overflow."""
-    import torch._inductor.config as inductor_config
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-
-    config, batch = transformer.config, 4
-    x = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size)
-    inputs = (x, torch.randint(0, 1000, (batch,)))
-    kwargs = {"class_labels": torch.randint(0, config.num_classes or 1, (batch,)), "return_dict": False}
-    dim = torch.export.Dim("batch", min=1, max=65536)
-    shapes = {"hidden_states": {0: dim}, "timestep": {0: dim}, "class_labels": {0: dim}, "return_dict": None}
-    with torch.no_grad():
-        graph = torch.export.export(transformer.eval(), inputs, kwargs, dynamic_shapes=shapes).module()
-    reduce_range = not has_vnni() if reduce_range is None else reduce_range
-    quantizer = x86.X86InductorQuantizer().set_global(
-        x86.get_default_x86_inductor_quantization_config(is_dynamic=True, reduce_range=reduce_range)
-    )
-    graph = prepare_pt2e(graph, quantizer)
-    graph(*inputs, **kwargs)  # dynamic quantization observes nothing that is kept; prepare_pt2e wants one call
-    graph = convert_pt2e(graph)
-    compiled = torch.compile(graph)
-
-    def forward(*args, **kwargs):  # a function: a module assigned as `forward` would become a submodule, unused
-        with inductor_config.patch(freezing=True):  # weights as constants, packed once for oneDNN's int8 GEMMs
-            return compiled(*args, **kwargs)  # (`options={"freezing": True}` does not reach the int8 lowering)
-
-    transformer.forward = forward
-    return compiled
-
-
 def prepare(transformer, variant: str, workdir: str) -> None:
     """What `variant` does to a loaded float32 transformer: fp8 weight storage, group offloading to disk or the
     compiled int8 graph."""
     if variant == "pt2e-int8-dynamic":
-        int8_dynamic_pt2e(transformer)
+        compile_int8_dynamic(transformer)
     elif variant == "fp8-storage":
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     elif variant == "group-offload-disk":

@@ -15,6 +15,7 @@ from .models import (
     DiffiTUNet2DModel,
 )
 from .pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
+from .quantization import compile_int8_dynamic
 from .remote_code import install_diffusers_hooks
 from .schedulers import EDMHeunScheduler
 
@@ -35,6 +36,7 @@ __all__ = [
     "DiffiTTransformerBlock",
     "DiffiTUNet2DModel",
     "EDMHeunScheduler",
+    "compile_int8_dynamic",
     "embedded_model_path",
     "imagenet_id2label",
     "model_config",

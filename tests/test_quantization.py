@@ -10,10 +10,11 @@ model and a disk-offloaded one run the same kernels on the same weights in one p
 
 import pytest
 import torch
-from diffusers import PipelineQuantizationConfig, QuantoConfig
+from diffusers import FirstBlockCacheConfig, PipelineQuantizationConfig, QuantoConfig
+from peft import LoraConfig
 
-from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel
-from tests.utils import relative_error, tiny_transformer_16, transformer_inputs
+from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel, compile_int8_dynamic
+from tests.utils import make_pipe, relative_error, tiny_transformer_16, tiny_unet, transformer_inputs
 
 
 pytest.importorskip("optimum.quanto", reason="the `test` extra (optimum-quanto) is not installed")
@@ -148,16 +149,50 @@ def test_block_level_group_offload_to_disk_restores_the_weights(saved, tmp_path)
 
 
 @requires_torchao
-def test_int8_pt2e_path_is_close_to_fp32_at_any_batch_size(saved):
-    """benchmarks/quant_study.int8_dynamic_pt2e (the int8 path faster than float32 on x86 CPUs): exported with a
-    dynamic batch, quantized and compiled once, it must serve other batch sizes and stay within int8's 5 % (7-bit
-    activations where the CPU lacks VNNI, the default)."""
-    from benchmarks.quant_study import int8_dynamic_pt2e
-
+def test_int8_graph_is_close_to_fp32_at_any_batch_size_and_timestep_type(saved):
+    """`compile_int8_dynamic` (the int8 path faster than float32 on x86 CPUs): exported with a dynamic batch,
+    quantized and compiled once, it serves other batch sizes, integer and float timesteps and a scalar one, and stays
+    within int8's 5 % of float32 (7-bit activations where the CPU lacks VNNI, the default). Tolerances: another
+    kernel path than float32's."""
     path, (x, t, y), expected = saved
     model = DiffiTTransformer2DModel.from_pretrained(path).eval()
-    int8_dynamic_pt2e(model)
+    compile_int8_dynamic(model)
+    for batch in (len(x), 1):
+        out = model(x[:batch], t[:batch], class_labels=y[:batch]).sample
+        assert 0 < relative_error(out, expected[:batch]) <= 0.05, batch
+    assert relative_error(model(x, t.float(), y, return_dict=False)[0], expected) <= 0.05
+    reference = DiffiTTransformer2DModel.from_pretrained(path).eval()
+    null = torch.full_like(y, reference.config.num_classes)
     with torch.no_grad():
-        for batch in (len(x), 1):
-            out = model(x[:batch], t[:batch], class_labels=y[:batch], return_dict=False)[0]
-            assert 0 < relative_error(out, expected[:batch]) <= 0.05, batch
+        expected_null = reference(x, 500, class_labels=null).sample
+    assert relative_error(model(x, 500).sample, expected_null) <= 0.05  # no labels: the null class
+    with pytest.raises(ValueError, match="attention_kwargs"):
+        model(x, t, y, attention_kwargs={"scale": 0.5})
+
+
+@requires_torchao
+def test_pipeline_samples_with_the_int8_graph():
+    """The pipeline's loop (guided batch of twice the size, scheduler timesteps) runs the int8 graph as it is and
+    lands near the float32 sample from the same noise."""
+    pipe = make_pipe(transformer=tiny_transformer_16().eval(), vae=None)
+    kwargs = dict(class_labels=[1, 2], num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+    expected = pipe(**kwargs, generator=torch.manual_seed(0)).images
+    compile_int8_dynamic(pipe.transformer)
+    images = pipe(**kwargs, generator=torch.manual_seed(0)).images
+    assert images.shape == expected.shape and relative_error(images, expected) <= 0.1
+
+
+def test_int8_graph_refuses_what_it_cannot_stand_for():
+    """Refused before any export, torchao or not, each naming the fix."""
+    with pytest.raises(ValueError, match="DiffiTTransformer2DModel"):
+        compile_int8_dynamic(tiny_unet())
+    with pytest.raises(ValueError, match="CPU in float32"):
+        compile_int8_dynamic(tiny_transformer_16().to(torch.float64))
+    lora = tiny_transformer_16()
+    lora.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    with pytest.raises(ValueError, match="fuse_lora"):
+        compile_int8_dynamic(lora)
+    cached = tiny_transformer_16()
+    cached.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="disable_cache"):
+        compile_int8_dynamic(cached)
