@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from diffusers_diffit import (
     embedded_model_path,
 )
 from diffusers_diffit.remote_code import generate_module_file
-from tests.utils import DEPTH, load_script, named_model, official_layout_checkpoint
+from tests.utils import DEPTH, load_script, named_model, official_layout_checkpoint, run_isolated_python
 
 
 def truncate(folder):
@@ -210,15 +208,6 @@ def test_remote_code_without_einops_says_how_to_install_it(tmp_path):
         "    except ImportError as error:\n"
         "        print(type(error).__name__, error)\n"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", child, str(tmp_path / "repo")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    stdout = run_isolated_python("-c", child, str(tmp_path / "repo"), cwd=tmp_path)
     message = "ImportError unet_diffit.py needs einops, which diffusers does not install: pip install einops"
-    assert result.stdout.splitlines() == [message, message], result.stderr[-4000:]
+    assert stdout.splitlines() == [message, message]

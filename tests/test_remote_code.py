@@ -6,9 +6,7 @@ every DiffiT folder, with or without code. Tiny models, CPU, offline."""
 import ast
 import importlib.metadata
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from diffusers_diffit.remote_code import (
     remote_code_requirements,
     stale_remote_code_files,
 )
-from tests.utils import CONVERTER, load_script, make_pipe, named_model
+from tests.utils import CONVERTER, load_script, make_pipe, named_model, run_isolated_python
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,17 +102,7 @@ def pixel_repo(tmp_path_factory):
 def run_without_package(folder: Path, call: dict, tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Load `folder` with plain diffusers in a fresh `python -I` process that cannot import diffusers_diffit."""
     out = tmp_path / "child.safetensors"
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-I", str(CHILD), str(folder), str(out), json.dumps(call)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_isolated_python(str(CHILD), str(folder), str(out), json.dumps(call), cwd=tmp_path)
     with safe_open(out, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["report"])
 

@@ -4,6 +4,9 @@ their inputs, tiny pipelines, image folders, loading and running the repository'
 import contextlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +246,14 @@ def run_in_process(module, argv: list):
     finally:
         reset_accelerate()
         torch.set_num_threads(threads)
+
+
+def run_isolated_python(*argv: str, cwd: Path) -> str:
+    """`python -I ARGV` in `cwd`, offline with an empty HF_HOME there: it sees neither this checkout nor
+    PYTHONPATH nor the user's cache, only what is installed, as a plain-diffusers user would. Returns its stdout."""
+    env = {**os.environ, "HF_HOME": str(cwd / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-I", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
