@@ -12,6 +12,10 @@ digits judge's accuracy and FD, under the model's saved recipe and NVIDIA's offi
         --results benchmarks/results/cache_digits_latent.jsonl
     nice -n 10 python -m benchmarks.cache_study run --recipe official --settings none fbc-0.05 mag-0.06 mag-0.12 \\
         taylorseer-2 pab-2 --seeds 0 1 2 --results benchmarks/results/cache_digits_latent.jsonl
+    # the guidance interval, alone and with a cache (its own baseline, so its own results file)
+    nice -n 10 python -m benchmarks.cache_study run --recipe saved --settings none interval-700 interval-550 \
+        interval-400 interval-400+fbc-0.1 interval-250 interval-250+fbc-0.1 --seeds 0 1 2 \
+        --results benchmarks/results/cache_interval_digits_latent.jsonl
     # table (mean ± std over draws, ratios against the baseline) and the recommended setting per recipe
     python -m benchmarks.cache_study report --results benchmarks/results/cache_digits_latent.jsonl
 
@@ -29,7 +33,9 @@ Settings (`SETTINGS`): `none` (the baseline), `fbc-T` (`FirstBlockCacheConfig(th
 (`MagCacheConfig(threshold=T)` with the shipped ratios of the recipe, diffusers' defaults otherwise: retention 0.2,
 at most 3 skipped steps in a row), `taylorseer-N` (`TaylorSeerCacheConfig(cache_interval=N)`, first-order,
 diffusers' defaults otherwise) and `pab-N` (`PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=N)`
-in diffusers' timestep range (100, 800)).
+in diffusers' timestep range (100, 800)). Not a cache, and combinable with one by "+": `interval-T`
+(`guidance_interval=(0, T)`: the unconditional half runs only at timesteps up to T, which saves block evaluations where
+the power-cosine weight w(t) is close to 1 anyway), e.g. `interval-400+fbc-0.1`.
 
 Cost: block evaluations per sampled image: the attention computations of all blocks, counted by a forward hook on
 each attention's time projection (which runs once per computation; a block that FirstBlockCache or MagCache skips
@@ -112,6 +118,20 @@ def cache_config(setting: str, pipe: DiffiTPipeline, mag_ratios: list[float] | N
     raise ValueError(f"`--settings` {setting!r} is not one of fbc-T, mag-T, taylorseer-N, pab-N or none.")
 
 
+def setting_parts(setting: str, pipe: DiffiTPipeline, mag_ratios: list[float] | None) -> tuple[object, dict]:
+    """`setting` as (cache config or None, sampling kwargs): parts joined by "+", at most one cache, and
+    `interval-T` for `guidance_interval=(0, T)` (no unconditional half above timestep T)."""
+    config, call_kwargs = None, {}
+    for part in setting.split("+"):
+        if part.startswith("interval-"):
+            call_kwargs["guidance_interval"] = (0.0, float(part.removeprefix("interval-")))
+        elif config is None:
+            config = cache_config(part, pipe, mag_ratios)
+        else:
+            raise ValueError(f"`--settings` {setting!r} names more than one cache.")
+    return config, call_kwargs
+
+
 def config_record(config) -> dict | None:
     """`config`'s fields as JSON values (tensors as lists, dtypes as text; the timestep callback left out)."""
     if config is None:
@@ -160,9 +180,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"`--settings` {args.settings} must include `none`: the baseline of the same run.")
     torch.set_num_threads(args.num_threads)
     pipe = recipe_pipeline(model_path(args.model), args.recipe)
-    mag_ratios = (
-        shipped_mag_ratios(args.model, args.recipe) if any(s.startswith("mag") for s in args.settings) else None
-    )
+    mag_ratios = shipped_mag_ratios(args.model, args.recipe) if any("mag-" in s for s in args.settings) else None
     evaluated = []  # images whose attention one block computed, per computation
     for block in pipe.transformer.transformer_blocks:
         attn = block.attn
@@ -174,13 +192,13 @@ def run(args: argparse.Namespace) -> None:
     judge = DigitsJudge(*digits_split()[:2])
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for setting in args.settings:
-        config = cache_config(setting, pipe, mag_ratios)
+        config, call_kwargs = setting_parts(setting, pipe, mag_ratios)
         if config is not None:
             pipe.transformer.enable_cache(config)
         for seed in args.seeds:
             evaluated.clear()
             start = time.perf_counter()
-            ink, labels = sample_digit_ink(pipe, args.per_class, seed)
+            ink, labels = sample_digit_ink(pipe, args.per_class, seed, **call_kwargs)
             seconds = time.perf_counter() - start
             scores = judge(ink, labels)
             record = {
@@ -190,6 +208,7 @@ def run(args: argparse.Namespace) -> None:
                 "steps": pipe.config.num_inference_steps,
                 "setting": setting,
                 "config": config_record(config),
+                "call_kwargs": call_kwargs,
                 "seed": seed,
                 "samples": len(labels),
                 "block_evals": sum(evaluated) / len(labels),

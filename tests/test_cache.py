@@ -72,6 +72,20 @@ def test_a_skipping_cache_skips_and_is_reset_between_calls():
     assert pipe.current_timestep is None
 
 
+def test_a_guidance_interval_gives_each_batch_composition_its_own_cache_state():
+    """With `guidance_interval`, early steps run the conditional half alone (batch B) and later ones the guided batch
+    (2B). A cache that always skips after its first step must start afresh when the composition changes, never
+    reuse a batch-B residual for a 2B batch: the last block runs once per composition."""
+    pipe = make_pipe(transformer=tiny_transformer(), vae=None)
+    pipe.scheduler.set_timesteps(STEPS)
+    middle = float(pipe.scheduler.timesteps[STEPS // 2])  # the later half of the steps is guided
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+    batches = []
+    pipe.transformer.transformer_blocks[-1].attn.register_forward_hook(lambda m, args, out: batches.append(len(out)))
+    out = sample(pipe, guidance_interval=(0, middle))
+    assert batches == [2, 4] and torch.isfinite(out).all()
+
+
 def test_caches_that_do_not_fit_are_refused():
     transformer = tiny_transformer()
     with pytest.raises(
