@@ -16,6 +16,10 @@ digits judge's accuracy and FD, under the model's saved recipe and NVIDIA's offi
     nice -n 10 python -m benchmarks.cache_study run --recipe saved --settings none interval-700 interval-550 \
         interval-400 interval-400+fbc-0.1 interval-250 interval-250+fbc-0.1 --seeds 0 1 2 \
         --results benchmarks/results/cache_interval_digits_latent.jsonl
+    # the same at 5 steps, the fewest that keep NVIDIA's 250-step quality (benchmarks/nfe_study.py)
+    nice -n 10 python -m benchmarks.cache_study run --recipe saved --steps 5 --settings none interval-400 \
+        interval-400+fbc-0.1 interval-250 interval-250+fbc-0.1 --seeds 0 1 2 \
+        --results benchmarks/results/cache_interval_5steps_digits_latent.jsonl
     # table (mean ± std over draws, ratios against the baseline) and the recommended setting per recipe
     python -m benchmarks.cache_study report --results benchmarks/results/cache_digits_latent.jsonl
 
@@ -180,6 +184,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"`--settings` {args.settings} must include `none`: the baseline of the same run.")
     torch.set_num_threads(args.num_threads)
     pipe = recipe_pipeline(model_path(args.model), args.recipe)
+    if args.steps is not None:
+        pipe.register_to_config(num_inference_steps=args.steps)
     mag_ratios = shipped_mag_ratios(args.model, args.recipe) if any("mag-" in s for s in args.settings) else None
     evaluated = []  # images whose attention one block computed, per computation
     for block in pipe.transformer.transformer_blocks:
@@ -283,6 +289,7 @@ def main(argv=None) -> None:
     r.add_argument("--model", default="digits-latent", help="pipeline folder, or a shipped model's name")
     r.add_argument("--recipe", choices=RECIPES, default="saved")
     r.add_argument("--settings", nargs="+", default=None, help="default: the recipe's `SETTINGS`")
+    r.add_argument("--steps", type=int, default=None, help="sampling steps instead of the recipe's")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--per-class", type=int, default=20)
     r.add_argument("--num-threads", type=int, default=1)
