@@ -13,9 +13,11 @@ Two parts, one run (DiffiT-XL/2, 256 px, batch 2, the reference's random weights
    The last column bounds the whole forward (Amdahl): with the linear layers taking share s of the float32
    forward, a kernel g times faster makes the forward at most 1 / ((1 − s) + s / g) times faster.
 2. **Whole forwards**, timed round-robin and paired against float32 eager (`inference_cache()`, this package's CPU
-   path): float32 with `compile_repeated_blocks` (the compiler's gains alone) and `compile_int8_dynamic` (int8 dynamic
-   quantization through PyTorch 2 export and inductor, 7-bit activations where the CPU lacks VNNI); compile times in
-   this process, relative RMS error of the output against float32.
+   path): float32 with `compile_repeated_blocks` (the compiler's gains alone); bfloat16 eager (what
+   `from_pretrained(..., torch_dtype=torch.bfloat16)` gives) and through `compile_frozen` (inductor with freezing:
+   weights packed for oneDNN's bfloat16 GEMMs, AMX where the CPU has it); and `compile_int8_dynamic` (int8 dynamic quantization
+   through PyTorch 2 export and inductor, 7-bit activations where the CPU lacks VNNI); compile times in this
+   process, relative RMS error of the output against float32.
 
     python -m benchmarks.precision_study --threads 2 --repeats 5
 
@@ -24,6 +26,7 @@ pt2e-int8-dynamic`.
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -32,9 +35,9 @@ from torch import nn
 
 from benchmarks.bench_transformer import record_linears
 from benchmarks.reference_diffit import ReferenceDiffiT
-from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel, compile_int8_dynamic
+from diffusers_diffit import DIFFIT_CONFIGS, DiffiTTransformer2DModel, compile_frozen, compile_int8_dynamic
+from diffusers_diffit.cpu_inference import has_vnni
 from diffusers_diffit.loading import convert_state_dict, infer_config
-from diffusers_diffit.quantization import has_vnni
 
 
 def median_time(fn, repeats: int) -> float:
@@ -45,6 +48,12 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def copy_of(model: DiffiTTransformer2DModel) -> DiffiTTransformer2DModel:
+    copy = DiffiTTransformer2DModel.from_config(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -109,10 +118,11 @@ def gemm_table(model, inputs, repeats: int, forward_time: float) -> None:
     for name in names:
         error = statistics.fmean(relative_error(o, r) for o, r in zip(outputs[name], outputs[names[0]]))
         speed = base / times[name]
-        bound = 1 / ((1 - share) + share / speed)
+        # Amdahl's bound holds only where the replayed GEMMs take less time than the forward they came from
+        bound = f"{1 / ((1 - share) + share / speed):.2f}×" if share <= 1 else "–"
         print(
             f"| {name} | {times[name] * 1e3:.0f} | {flops / times[name] / 1e9:.1f} | {speed:.2f} | {error:.2e} | "
-            f"{bound:.2f}× |"
+            f"{bound} |"
         )
 
 
@@ -139,18 +149,22 @@ def main(argv=None) -> None:
     inputs = (x, torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,)))
 
     variants, compile_seconds = {}, {}
-    with model.inference_cache():
+    with model.inference_cache(), contextlib.ExitStack() as caches:
         variants["float32, eager (inference_cache)"] = lambda: model(*inputs).sample
         reference = variants["float32, eager (inference_cache)"]()
         forward_time = median_time(variants["float32, eager (inference_cache)"], args.repeats)
         gemm_table(model, inputs, args.repeats, forward_time)
 
-        regional = DiffiTTransformer2DModel.from_config(model.config).eval()
-        regional.load_state_dict(model.state_dict())
+        regional = copy_of(model)
         regional.compile_repeated_blocks(fullgraph=True)
         variants["float32, compile_repeated_blocks"] = lambda: regional(*inputs).sample
-        int8 = DiffiTTransformer2DModel.from_config(model.config).eval()
-        int8.load_state_dict(model.state_dict())
+        bf16 = caches.enter_context(copy_of(model).to(torch.bfloat16).inference_cache())  # as the pipeline runs it
+        bf16_inputs = (x.bfloat16(), *inputs[1:])
+        variants["bfloat16, eager"] = lambda: bf16(*bf16_inputs).sample.float()
+        bf16_frozen = copy_of(model).to(torch.bfloat16)
+        compile_frozen(bf16_frozen, fullgraph=True)
+        variants["bfloat16, compile_frozen"] = lambda: bf16_frozen(*bf16_inputs).sample.float()
+        int8 = copy_of(model)
         start = time.perf_counter()
         compile_int8_dynamic(int8)
         compile_seconds["int8 dynamic, compile_int8_dynamic"] = time.perf_counter() - start  # export + convert

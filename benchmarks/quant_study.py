@@ -7,8 +7,9 @@ bfloat16); quanto int8 weights (`QuantoConfig`, float32 activations); fp8 (e4m3)
 (`enable_layerwise_casting`); block-level group offloading to disk (`enable_group_offload(offload_to_disk_path=...)`,
 onload device CPU); and int8 dynamic quantization through PyTorch 2 export and inductor (`pt2e-int8-dynamic`,
 `diffusers_diffit.compile_int8_dynamic`: oneDNN's int8 kernels, the int8 path that is faster than float32 on x86
-CPUs; see benchmarks/precision_study.py). Every variant samples the pipeline's saved recipe with the same labels and initial noise per
-seed and is scored by the digits judge (`diffusers_diffit.evaluation.digits`): accuracy, FD on MLP and PCA features.
+CPUs) and bfloat16 compiled with inductor's freezing (`bf16-compile-frozen`, `diffusers_diffit.compile_frozen`); see
+benchmarks/precision_study.py. Every variant samples the pipeline's saved recipe with the same labels and initial
+noise per seed and is scored by the digits judge (`diffusers_diffit.evaluation.digits`): accuracy, FD on MLP and PCA features.
 
     python -m benchmarks.quant_study --seeds 0 1 2 --results benchmarks/results/quant_digits_latent.jsonl
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import PipelineQuantizationConfig, QuantoConfig, TorchAoConfig
 
-from diffusers_diffit import DiffiTPipeline, compile_int8_dynamic, embedded_model_path
+from diffusers_diffit import DiffiTPipeline, compile_frozen, compile_int8_dynamic, embedded_model_path
 from diffusers_diffit.data.digits import digits_split
 from diffusers_diffit.evaluation.digits import DigitsJudge, sample_digit_ink
 
@@ -33,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 
 def transformer_kwargs(variant: str) -> dict:
     """The `from_pretrained` keyword arguments (quantization config, dtype) of the transformer of `variant`."""
-    if variant == "bf16":
+    if variant in ("bf16", "bf16-compile-frozen"):
         return dict(torch_dtype=torch.bfloat16)
     if variant.startswith("torchao-"):
         from torchao import quantization
@@ -51,10 +52,12 @@ def transformer_kwargs(variant: str) -> dict:
 
 
 def prepare(transformer, variant: str, workdir: str) -> None:
-    """What `variant` does to a loaded float32 transformer: fp8 weight storage, group offloading to disk or the
-    compiled int8 graph."""
+    """What `variant` does to a loaded transformer: fp8 weight storage, group offloading to disk, the compiled int8
+    graph or the compiled bfloat16 one."""
     if variant == "pt2e-int8-dynamic":
         compile_int8_dynamic(transformer)
+    elif variant == "bf16-compile-frozen":
+        compile_frozen(transformer)
     elif variant == "fp8-storage":
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     elif variant == "group-offload-disk":
@@ -85,7 +88,10 @@ VARIANTS = (
     "fp8-storage",
     "group-offload-disk",
 )
-COMPILED_VARIANTS = ("pt2e-int8-dynamic",)  # not loaded by diffusers' API alone: its weight bytes are not counted
+COMPILED_VARIANTS = (
+    "pt2e-int8-dynamic",
+    "bf16-compile-frozen",
+)  # not loaded by diffusers' API alone: its weight bytes are not counted
 
 
 def main(argv=None):

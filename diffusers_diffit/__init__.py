@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .configs import DIFFIT_CONFIGS, DIFFIT_UNET_CONFIGS, model_config
+from .cpu_inference import compile_frozen, compile_int8_dynamic
 from .embedded import embedded_model_path
 from .guidance import GUIDANCE_SCHEDULES
 from .labels import imagenet_id2label
@@ -15,7 +16,6 @@ from .models import (
     DiffiTUNet2DModel,
 )
 from .pipelines import OFFICIAL_RECIPES, DiffiTPipeline, official_scheduler
-from .quantization import compile_int8_dynamic
 from .remote_code import install_diffusers_hooks
 from .schedulers import EDMHeunScheduler
 
@@ -36,6 +36,7 @@ __all__ = [
     "DiffiTTransformerBlock",
     "DiffiTUNet2DModel",
     "EDMHeunScheduler",
+    "compile_frozen",
     "compile_int8_dynamic",
     "embedded_model_path",
     "imagenet_id2label",

@@ -13,7 +13,7 @@ import torch
 from diffusers import FirstBlockCacheConfig, PipelineQuantizationConfig, QuantoConfig
 from peft import LoraConfig
 
-from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel, compile_int8_dynamic
+from diffusers_diffit import DiffiTPipeline, DiffiTTransformer2DModel, compile_frozen, compile_int8_dynamic
 from tests.utils import make_pipe, relative_error, tiny_transformer_16, tiny_unet, transformer_inputs
 
 
@@ -182,12 +182,12 @@ def test_pipeline_samples_with_the_int8_graph():
     assert images.shape == expected.shape and relative_error(images, expected) <= 0.1
 
 
-def test_int8_graph_refuses_what_it_cannot_stand_for():
-    """Refused before any export, torchao or not, each naming the fix."""
+def test_cpu_graphs_refuse_what_they_cannot_stand_for():
+    """Refused before any export or compilation, torchao or not, each naming the fix."""
     with pytest.raises(ValueError, match="DiffiTTransformer2DModel"):
         compile_int8_dynamic(tiny_unet())
-    with pytest.raises(ValueError, match="CPU in float32"):
-        compile_int8_dynamic(tiny_transformer_16().to(torch.float64))
+    with pytest.raises(ValueError, match="on the CPU in one of"):
+        compile_int8_dynamic(tiny_transformer_16().to(torch.bfloat16))  # int8 starts from float32 weights
     lora = tiny_transformer_16()
     lora.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
     with pytest.raises(ValueError, match="fuse_lora"):
@@ -196,3 +196,23 @@ def test_int8_graph_refuses_what_it_cannot_stand_for():
     cached.enable_cache(FirstBlockCacheConfig(threshold=0.1))
     with pytest.raises(ValueError, match="disable_cache"):
         compile_int8_dynamic(cached)
+
+
+def test_frozen_bfloat16_graph_is_close_to_fp32_and_samples(saved):
+    """`compile_frozen` on a bfloat16 model (the fastest bfloat16 CPU path): the same arguments as the eager model,
+    within bfloat16's tolerance of float32 at two batch sizes, through the pipeline's loop too; a second compile is
+    refused. Tolerances: another dtype and kernel path than float32's."""
+    path, (x, t, y), expected = saved
+    model = DiffiTTransformer2DModel.from_pretrained(path, torch_dtype=torch.bfloat16)
+    compile_frozen(model)
+    for batch in (len(x), 1):
+        out = model(x[:batch].bfloat16(), t[:batch], class_labels=y[:batch]).sample
+        assert out.dtype == torch.bfloat16 and relative_error(out, expected[:batch]) <= 0.05, batch
+    with pytest.raises(ValueError, match="compiled for the CPU already"):
+        compile_frozen(model)
+
+    pipe = make_pipe(transformer=DiffiTTransformer2DModel.from_pretrained(path, torch_dtype=torch.bfloat16), vae=None)
+    kwargs = dict(class_labels=[1, 2], num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+    eager = pipe(**kwargs, generator=torch.manual_seed(0)).images
+    compile_frozen(pipe.transformer)
+    assert relative_error(pipe(**kwargs, generator=torch.manual_seed(0)).images, eager) <= 0.1
