@@ -5,8 +5,8 @@ AMX on recent Xeons. `compile_frozen` compiles the model as it is (load it with 
 bfloat16 path); `compile_int8_dynamic` first exports it and quantizes its linear layers with torchao's
 `X86InductorQuantizer` (int8 weights per channel, activations per tensor at run time), the int8 path that is faster
 than float32 also where torchao's eager int8 kernels are not. Measured on DiffiT-XL/2 (256 px, batch 2, 2 threads,
-against the float32 forward): on a Xeon with AMX, bfloat16 eager 3.4×, `compile_frozen` in bfloat16 4.4×,
-`compile_int8_dynamic` 4.8×; on an AVX2 EPYC, `compile_int8_dynamic` 1.8× and bfloat16 slower than float32. Judged
+against the float32 forward): on a Xeon with AMX, bfloat16 eager 3.5×, `compile_frozen` in bfloat16 4.4×,
+`compile_int8_dynamic` 4.7×; on an AVX2 EPYC, `compile_int8_dynamic` 1.8× and bfloat16 slower than float32. Judged
 quality on `digits-latent` stays within seed noise (docs/performance.md; `benchmarks/precision_study.py`).
 """
 
@@ -68,6 +68,8 @@ def compile_int8_dynamic(transformer: DiffiTTransformer2DModel, reduce_range: bo
         reduce_range: quantize activations to 7 bits instead of 8. Default: on where the CPU lacks VNNI
             (`has_vnni`), where 8-bit activations overflow oneDNN's 16-bit accumulation (10 % error instead of 2 %).
     """
+    if reduce_range not in (None, True, False):
+        raise ValueError(f"`reduce_range` must be None (decide from the CPU), True or False, got {reduce_range!r}.")
     _check_can_compile(transformer, dtypes=(torch.float32,))
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -120,7 +122,7 @@ def compile_frozen(transformer: DiffiTTransformer2DModel, **compile_kwargs) -> N
     """Compile `transformer` in place with `torch.compile` and inductor's freezing, for inference on the CPU: the
     weights become constants of the graph, packed once for oneDNN (AMX on recent Xeons). The fastest bfloat16 path:
     load with `torch_dtype=torch.bfloat16`, then call this (measured 4.4× the float32 forward on an AMX Xeon, against
-    3.4× for bfloat16 without it). It compiles at the first call and again for a new input shape.
+    3.5× for bfloat16 without it). It compiles at the first call and again for a new input shape.
 
     The forward takes the same arguments as before, under `torch.no_grad()`. Weights changed after the first call
     are not seen (they are constants of the graph), nor are adapters loaded afterwards: load and fuse LoRA first.

@@ -186,6 +186,8 @@ def test_cpu_graphs_refuse_what_they_cannot_stand_for():
     """Refused before any export or compilation, torchao or not, each naming the fix."""
     with pytest.raises(ValueError, match="DiffiTTransformer2DModel"):
         compile_int8_dynamic(tiny_unet())
+    with pytest.raises(ValueError, match="reduce_range"):
+        compile_int8_dynamic(tiny_transformer_16(), reduce_range="yes")
     with pytest.raises(ValueError, match="on the CPU in one of"):
         compile_int8_dynamic(tiny_transformer_16().to(torch.bfloat16))  # int8 starts from float32 weights
     lora = tiny_transformer_16()
